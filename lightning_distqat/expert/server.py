@@ -1,0 +1,156 @@
+"""Expert lifecycle: join the DHT, serve the stage's RPCs, announce it with an expiring heartbeat, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional
+
+import torch
+from hivemind.utils import get_dht_time
+from torch import nn
+
+from lightning_distqat.config import ExpertConfig
+from lightning_distqat.expert.backend import StageBackend
+from lightning_distqat.expert.servicer import ExpertServicer
+from lightning_distqat.swarm.dht import die_with_parent, start_dht
+from lightning_distqat.swarm.records import ExpertRecord, stage_key
+
+__all__ = ["ExpertServer", "run_embedded_expert"]
+
+log = logging.getLogger(__name__)
+
+
+class ExpertServer:
+    """Hosts one stage. ``run()`` blocks until :meth:`shutdown` is called or (main thread) SIGINT/SIGTERM arrives.
+
+    ``on_ready(info)`` is called once the expert serves requests and has announced itself; ``info`` holds its
+    ``peer_id`` and ``maddrs``.
+    """
+
+    def __init__(
+        self,
+        config: ExpertConfig,
+        module: nn.Module,
+        *,
+        on_ready: Optional[Callable[[dict[str, Any]], None]] = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.module = module
+        self.on_ready = on_ready
+        self.handle_signals = handle_signals
+        self.servicer: Optional[ExpertServicer] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._stop_requested = threading.Event()
+        self._heartbeat_stop = threading.Event()
+
+    def shutdown(self) -> None:
+        """Ask a running server to stop (thread-safe). ``run()`` returns once it has."""
+        self._stop_requested.set()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def run(self) -> None:
+        cfg = self.config
+        backend = StageBackend(cfg.stage, self.module, device=cfg.device, max_pending=cfg.max_pending_backward)
+        dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs)
+        heartbeat: Optional[threading.Thread] = None
+        try:
+            self.servicer = ExpertServicer(backend, dht.peer_id.to_base58())
+            heartbeat = threading.Thread(target=self._heartbeat, args=(dht,), name="distqat-heartbeat", daemon=True)
+            asyncio.run(self._serve(dht, heartbeat))
+        finally:
+            self._heartbeat_stop.set()
+            if heartbeat is not None and heartbeat.is_alive():
+                heartbeat.join(timeout=10)
+            if self.servicer is not None:
+                self.servicer.shutdown()
+            dht.shutdown()
+            log.info("expert for stage '%s' stopped", cfg.stage)
+
+    async def _serve(self, dht: Any, heartbeat: threading.Thread) -> None:
+        assert self.servicer is not None
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if self._stop_requested.is_set():
+            return
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        p2p = await dht.replicate_p2p()
+        await self.servicer.add_p2p_handlers(p2p)
+        try:
+            self._announce(dht)
+            heartbeat.start()
+            maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            log.info(
+                "expert ready: stage '%s' (fingerprint %s) as peer %s on %s",
+                self.config.stage, self.servicer.backend.fingerprint, self.servicer.peer_id, ", ".join(maddrs),
+            )
+            if self.on_ready is not None:
+                self.on_ready({"peer_id": self.servicer.peer_id, "maddrs": maddrs})
+            await self._stop.wait()
+        finally:
+            await self.servicer.remove_p2p_handlers(p2p)
+            await p2p.shutdown()
+
+    def _record(self) -> ExpertRecord:
+        assert self.servicer is not None
+        return ExpertRecord(
+            peer_id=self.servicer.peer_id,
+            stage=self.config.stage,
+            fingerprint=self.servicer.backend.fingerprint,
+            throughput=self.servicer.backend.throughput,
+            lease_holder=self.servicer.lease_holder,
+        )
+
+    def _announce(self, dht: Any) -> None:
+        record = self._record()
+        ok = dht.store(
+            stage_key(self.config.experiment, self.config.stage),
+            subkey=record.peer_id,
+            value=record.to_dict(),
+            expiration_time=get_dht_time() + self.config.record_ttl,
+        )
+        if not ok:
+            log.warning("expert for stage '%s' could not store its DHT record (no DHT peers reachable?)", record.stage)
+
+    def _heartbeat(self, dht: Any) -> None:
+        while not self._heartbeat_stop.wait(self.config.heartbeat_period):
+            try:
+                self._announce(dht)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is logged; the next one may go through
+                log.warning("heartbeat failed", exc_info=True)
+
+
+def run_embedded_expert(config: ExpertConfig, module_blob: bytes, conn: Connection, log_level: int) -> None:
+    """Entry point of an expert process started by the embedded swarm (``multiprocessing`` spawn target).
+
+    The process leads its own process group (so its owner can end it with its DHT and p2pd children in one call) and
+    receives SIGTERM when its owner dies, so it never outlives the trainer.
+    """
+    parent = os.getppid()
+    os.setpgid(0, 0)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:
+        return
+    logging.basicConfig(level=log_level, format=f"[expert {config.stage}] %(levelname)s %(name)s: %(message)s")
+    try:
+        module = torch.load(io.BytesIO(module_blob), weights_only=False)  # our own parent pickled it
+        server = ExpertServer(config, module, on_ready=lambda info: conn.send(("ready", info)))
+        server.run()
+    except BaseException:  # noqa: BLE001 - report any start-up failure to the owner, then exit non-zero
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except (OSError, ValueError):
+            pass
+        raise SystemExit(1)
+    finally:
+        conn.close()

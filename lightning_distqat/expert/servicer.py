@@ -1,0 +1,178 @@
+"""The expert's RPCs over hivemind P2P. Every handler answers; a failing request gets an error reply naming the
+stage, and the expert goes on serving the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from lightning_distqat.expert.backend import StageBackend, StageError
+from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
+
+__all__ = ["ExpertServicer"]
+
+log = logging.getLogger(__name__)
+Request, Response = runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse
+Body = Callable[[dict, list], Awaitable[tuple[dict, list]]]
+
+
+async def _parse(request: Request) -> tuple[dict, list]:
+    return unpack([request])
+
+
+class ExpertServicer(ServicerBase):
+    """RPC handlers of one expert. Stage computations run one at a time on a single worker thread."""
+
+    def __init__(self, backend: StageBackend, peer_id: str = "") -> None:
+        self.backend = backend
+        self.peer_id = peer_id
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
+        self._lease: tuple[Optional[str], float] = (None, 0.0)
+        self.requests_served = 0
+        self.requests_failed = 0
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def lease_holder(self) -> Optional[str]:
+        holder, until = self._lease
+        return holder if holder is not None and time.monotonic() < until else None
+
+    # ------------------------------------------------------------------ plumbing
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+
+    def _check_lease(self, header: dict[str, Any]) -> None:
+        holder = self.lease_holder
+        if holder is not None and header.get("trainer") != holder:
+            raise StageError(f"expert is leased to trainer {holder}; claim a free expert")
+
+    def _error(self, what: str, e: BaseException) -> dict[str, Any]:
+        self.requests_failed += 1
+        if isinstance(e, StageError):
+            cause = str(e)
+        else:
+            cause = f"{type(e).__name__}: {e}"
+            log.warning("stage '%s' %s failed:\n%s", self.backend.name, what, traceback.format_exc())
+        return {"error": f"{cause} (stage '{self.backend.name}', expert …{self.peer_id[-8:]})"}
+
+    async def _answer(
+        self, what: str, parsed: Awaitable[tuple[dict, list]], body: Body, *, leased: bool = True
+    ) -> tuple[dict, list]:
+        """Parse the request, run ``body(header, tensors)`` and turn any failure into an error reply.
+
+        ``leased`` calls are refused to trainers that do not hold this expert's lease.
+        """
+        try:
+            header, tensors = await parsed
+            if leased:
+                self._check_lease(header)
+            reply, out = await body(header, tensors)
+            self.requests_served += 1
+            return reply or {}, out
+        except Exception as e:  # noqa: BLE001 - one bad request must never stop the expert
+            return self._error(what, e), []
+
+    # ------------------------------------------------------------------ tensor RPCs (streamed)
+    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        async def body(header: dict, tensors: list) -> tuple[dict, list]:
+            outputs, is_tuple = await self._run(
+                self.backend.forward, header["request_id"], header["layout"], tensors,
+                training=bool(header["training"]), need_grad=bool(header["need_grad"]),
+            )
+            return {"tuple": is_tuple}, outputs
+
+        for message in pack(Response, *await self._answer("forward", unpack_stream(requests), body)):
+            yield message
+
+    async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        async def body(header: dict, grad_outputs: list) -> tuple[dict, list]:
+            grads = await self._run(self.backend.backward, header["request_id"], grad_outputs)
+            return {"present": [g is not None for g in grads]}, [g for g in grads if g is not None]
+
+        for message in pack(Response, *await self._answer("backward", unpack_stream(requests), body)):
+            yield message
+
+    async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async def body(header: dict, _: list) -> tuple[dict, list]:
+            return {}, [state_to_tensor(await self._run(self.backend.get_state))]
+
+        for message in pack(Response, *await self._answer("get_state", _parse(request), body, leased=False)):
+            yield message
+
+    async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
+        async def body(header: dict, tensors: list) -> tuple[dict, list]:
+            if len(tensors) != 1:
+                raise StageError(f"set_state expects one serialized state, got {len(tensors)} tensors")
+            await self._run(self.backend.set_state, tensor_to_state(tensors[0]))
+            return {}, []
+
+        return next(pack(Response, (await self._answer("set_state", unpack_stream(requests), body))[0]))
+
+    # ------------------------------------------------------------------ control RPCs (unary)
+    async def _unary(self, what: str, request: Request, fn: Callable[[dict], Any], *, leased: bool = True) -> Response:
+        async def body(header: dict, _: list) -> tuple[dict, list]:
+            return (await self._run(fn, header)) or {}, []
+
+        return next(pack(Response, (await self._answer(what, _parse(request), body, leased=leased))[0]))
+
+    async def rpc_configure(self, request: Request, context: P2PContext) -> Response:
+        def fn(header: dict) -> None:
+            for index, spec in header["optimizers"].items():
+                self.backend.configure_optimizer(int(index), spec)
+
+        return await self._unary("configure", request, fn)
+
+    async def rpc_step(self, request: Request, context: P2PContext) -> Response:
+        def fn(header: dict) -> None:
+            self.backend.step(
+                int(header["index"]), header["groups"],
+                grad_scale=header.get("grad_scale"), clip_value=header.get("clip_value"),
+            )
+
+        return await self._unary("step", request, fn)
+
+    async def rpc_grad_norm(self, request: Request, context: P2PContext) -> Response:
+        return await self._unary("grad_norm", request, lambda h: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
+
+    async def rpc_info(self, request: Request, context: P2PContext) -> Response:
+        return await self._unary("info", request, lambda h: self.info(), leased=False)
+
+    async def rpc_claim(self, request: Request, context: P2PContext) -> Response:
+        """Grant, renew (ttl > 0) or release (ttl == 0) the lease. Runs on the event loop: no races with itself."""
+
+        async def body(header: dict, _: list) -> tuple[dict, list]:
+            claimant, ttl = header.get("claimant"), float(header.get("ttl", 0.0))
+            if not isinstance(claimant, str):
+                raise StageError("claim needs a claimant id")
+            holder = self.lease_holder
+            if holder is not None and holder != claimant:
+                return {"granted": False, "holder": holder}, []
+            if ttl > 0:
+                if holder is None:
+                    log.info("stage '%s' leased to trainer %s", self.backend.name, claimant)
+                self._lease = (claimant, time.monotonic() + ttl)
+            else:
+                self._lease = (None, 0.0)
+            return {"granted": ttl > 0, "holder": self.lease_holder}, []
+
+        return next(pack(Response, (await self._answer("claim", _parse(request), body, leased=False))[0]))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "stage": self.backend.name,
+            "fingerprint": self.backend.fingerprint,
+            "peer_id": self.peer_id,
+            "lease_holder": self.lease_holder,
+            "throughput": self.backend.throughput,
+            "requests_served": self.requests_served,
+            "requests_failed": self.requests_failed,
+        }

@@ -1,0 +1,431 @@
+"""DistqatStrategy: Lightning hook glue. The networking lives in ``swarm/`` and ``expert/``; this module decides when
+to call it."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import Strategy
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_distqat.config import ExpertConfig, SwarmConfig
+from lightning_distqat.swarm.embedded import EmbeddedSwarm
+from lightning_distqat.swarm.optimizers import OptimizerSplit
+from lightning_distqat.swarm.pipeline import SwarmClient
+from lightning_distqat.swarm.records import stage_fingerprint
+from lightning_distqat.swarm.remote import ExpertHandle, RemoteStage
+
+__all__ = ["DistqatStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class DistqatStrategy(Strategy):
+    """Train a LightningModule whose ``stages`` (dotted submodule paths) run on swarm experts.
+
+    Args:
+        stages: submodules to run remotely, in pipeline order, e.g. ``["backbone.layer1", "head"]``. ``None`` keeps the
+            whole model local.
+        initial_peers: multiaddrs of a running swarm. ``None`` starts an embedded swarm on this machine: a DHT node and
+            one expert process per stage on loopback, stopped at teardown.
+        experiment: prefix of every DHT key; trainers and experts of one experiment must share it.
+        swarm: further network settings (timeouts, listen addresses); ``experiment``/``initial_peers`` override it.
+    """
+
+    strategy_name = "distqat"
+
+    def __init__(
+        self,
+        stages: Optional[Sequence[str]] = None,
+        *,
+        initial_peers: Optional[Sequence[str]] = None,
+        experiment: Optional[str] = None,
+        swarm: Optional[SwarmConfig] = None,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(accelerator=accelerator, precision_plugin=precision_plugin)
+        if isinstance(stages, str):
+            stages = [stages]
+        self.stages = list(stages or [])
+        self.swarm_config = swarm or SwarmConfig()
+        if experiment is not None:
+            self.swarm_config.experiment = experiment
+        if initial_peers is not None:
+            self.swarm_config.initial_peers = list(initial_peers)
+        self._client: Optional[SwarmClient] = None
+        self._embedded: Optional[EmbeddedSwarm] = None
+        self._originals: dict[str, nn.Module] = {}
+        self._handles: dict[str, ExpertHandle] = {}
+        self._splits: dict[int, OptimizerSplit] = {}
+        self._pending: dict[str, Any] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        return torch.device("cuda", torch.cuda.current_device()) if isinstance(self.accelerator, CUDAAccelerator) \
+            else torch.device("cpu")
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @property
+    @override
+    def is_global_zero(self) -> bool:
+        return True
+
+    @property
+    def global_rank(self) -> int:
+        return 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def node_rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        return tensor
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        pass
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> torch.Tensor:
+        return tensor
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # stage weights and optimizer states are restored on the experts, so the swarm must be up
+
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        if self._precision_plugin is None:
+            self.precision_plugin = Precision()
+        return self._precision_plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        if plugin is not None:
+            _clip_across_swarm(plugin, self)
+        self._precision_plugin = plugin
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Pipeline stages on hivemind swarm experts (lightning-distqat)"
+        )
+
+    @property
+    def swarm_active(self) -> bool:
+        """True between setup and teardown, while stage submodules are replaced by remote proxies."""
+        return bool(self._handles)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        module = self.lightning_module
+        assert module is not None
+        if self.stages:
+            self._originals = _resolve_stages(module, self.stages)
+            try:
+                self._start_swarm()
+                for name, handle in self._handles.items():
+                    _set_submodule(module, name, RemoteStage(name, handle))
+            except BaseException:
+                self._stop_swarm(pull_weights=False)
+                raise
+        super().setup(trainer)
+
+    def _start_swarm(self) -> None:
+        cfg = self.swarm_config
+        self._client = SwarmClient(cfg).start()
+        if not cfg.initial_peers:
+            expert_cfg = ExpertConfig(experiment=cfg.experiment, host_maddrs=cfg.host_maddrs, device=cfg.expert_device)
+            self._embedded = EmbeddedSwarm(
+                self._originals, expert_config=expert_cfg, startup_timeout=cfg.startup_timeout
+            )
+            atexit.register(self._embedded.shutdown)
+            self._embedded.start(self._client.visible_maddrs)
+            log.info("embedded swarm: %d experts serving stages %s", len(self._originals), list(self._originals))
+        fingerprints = {name: stage_fingerprint(m) for name, m in self._originals.items()}
+        self._handles = self._client.claim_pipeline(fingerprints)
+        self._pool = ThreadPoolExecutor(max(1, len(self._handles)), thread_name_prefix="distqat-fanout")
+        if cfg.initial_peers:  # a joined swarm's experts start with their own weights: seed them with ours
+            self._each(lambda h: h.set_state({"module": self._originals[h.stage].state_dict()}))
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        with self._originals_in_place():
+            super().setup_optimizers(trainer)
+        if not self.swarm_active:
+            return
+        self._splits = {}
+        for index, optimizer in enumerate(self.optimizers):
+            split = OptimizerSplit.create(optimizer, index, self._originals)
+            self._splits[id(optimizer)] = split
+            split.keep_local()
+        specs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in self._handles}
+        for split in self._splits.values():
+            for stage in split.stages:
+                specs[stage][split.index] = split.expert_spec(stage)
+        self._each(lambda h: h.configure(specs[h.stage]))
+
+    # ------------------------------------------------------------------ training
+    @override
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
+    ) -> Any:
+        split = self._splits.get(id(optimizer))
+        self._pending = {}
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)  # closure, clipping, local step
+        if split is not None:
+            groups = split.group_hparams()
+            self._each(
+                lambda h: h.step(split.index, groups, **self._pending),
+                [self._handles[s] for s in split.stages],
+            )
+        return result
+
+    def clip_grad_norm(self, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``clip_grad_norm_`` over the local parameters and every stage's parameters together."""
+        split = self._splits.get(id(optimizer))
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms = [torch.linalg.vector_norm(p.grad.detach(), norm_type).cpu() for p in params]
+        if split is not None:
+            remote = self._each(lambda h: h.grad_norm(norm_type), [self._handles[s] for s in split.stages])
+            norms += [torch.tensor(n, dtype=torch.float32) for n in remote]
+        if not norms:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if params:
+            torch._foreach_mul_([p.grad for p in params], scale.to(params[0].grad.device))
+        self._pending["grad_scale"] = float(scale)
+        return total
+
+    def clip_grad_value(self, optimizer: Optimizer, clip_value: float) -> None:
+        for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
+            p.grad.clamp_(-clip_value, clip_value)
+        self._pending["clip_value"] = float(clip_value)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()
+        if self.swarm_active:
+            for stage, stage_state in self._pull_states().items():
+                state.update({f"{stage}.{k}": v for k, v in stage_state["module"].items()})
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not self.swarm_active:
+            return super().load_model_state_dict(checkpoint, strict)
+        full = checkpoint["state_dict"]
+        parts: dict[str, dict[str, Any]] = {name: {} for name in self._handles}
+        local = {}
+        for key, value in full.items():
+            stage = next((s for s in parts if key.startswith(s + ".")), None)
+            if stage is None:
+                local[key] = value
+            else:
+                parts[stage][key[len(stage) + 1 :]] = value
+        assert self.lightning_module is not None
+        self.lightning_module.load_state_dict(local, strict=strict)
+        self._each(lambda h: h.set_state({"module": parts[h.stage]}))
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        split = self._splits.get(id(optimizer))
+        if split is None or not self.swarm_active:
+            return super().optimizer_state(optimizer)
+        states = self._pull_states()
+        return split.merge_state({s: st["optimizers"].get(split.index, {}) for s, st in states.items()})
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if not self.swarm_active:
+            return super().load_optimizer_state_dict(checkpoint)
+        expert_parts: dict[str, dict[int, Any]] = {name: {} for name in self._handles}
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            split = self._splits[id(optimizer)]
+            local, per_stage = split.split_state(saved)
+            optimizer.load_state_dict(local)
+            for stage, part in per_stage.items():
+                expert_parts[stage][split.index] = part
+        self._each(lambda h: h.set_state({"optimizers": expert_parts[h.stage]}))
+
+    # ------------------------------------------------------------------ teardown
+    @override
+    def teardown(self) -> None:
+        self._stop_swarm(pull_weights=True)
+        super().teardown()
+
+    def _stop_swarm(self, *, pull_weights: bool) -> None:
+        """Bring trained weights home, put the original submodules back, then stop the swarm (reverse of start)."""
+        module = self.lightning_module
+        try:
+            if pull_weights and self.swarm_active:
+                self._bring_home()
+        finally:
+            if module is not None:
+                for name, original in self._originals.items():
+                    _set_submodule(module, name, original)
+            for split in self._splits.values():
+                split.restore()
+            self._splits, self._handles = {}, {}
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._client is not None:
+                self._client.release_all()
+            if self._embedded is not None:
+                self._embedded.shutdown()
+                atexit.unregister(self._embedded.shutdown)
+                self._embedded = None
+            if self._client is not None:
+                self._client.shutdown()
+                self._client = None
+
+    def _bring_home(self) -> None:
+        """Load every stage's trained weights and optimizer state from its expert into the user's objects."""
+        try:
+            states = self._pull_states()
+        except Exception as e:  # noqa: BLE001 - teardown must go on; the user is told what was not brought back
+            log.error(
+                "DistqatStrategy: could not pull the trained stage weights from the experts (%s); the module keeps the "
+                "stage weights it had when training started",
+                e,
+            )
+            return
+        for name, state in states.items():
+            device = next(self._originals[name].parameters(), torch.empty(0)).device
+            self._originals[name].load_state_dict({k: v.to(device) for k, v in state["module"].items()})
+        for split in self._splits.values():
+            merged = split.merge_state({s: st["optimizers"].get(split.index, {}) for s, st in states.items()})
+            split.restore()
+            split.optimizer.load_state_dict(merged)
+
+    # ------------------------------------------------------------------ helpers
+    def _pull_states(self) -> dict[str, dict[str, Any]]:
+        handles = list(self._handles.values())
+        return dict(zip([h.stage for h in handles], self._each(lambda h: h.get_state(), handles)))
+
+    def _each(self, fn: Callable[[ExpertHandle], Any], handles: Optional[Sequence[ExpertHandle]] = None) -> list[Any]:
+        """Call ``fn`` on every (given) expert handle concurrently; re-raise the first error."""
+        handles = list(self._handles.values()) if handles is None else list(handles)
+        if self._pool is None or len(handles) <= 1:
+            return [fn(h) for h in handles]
+        return list(self._pool.map(fn, handles))
+
+    @contextmanager
+    def _originals_in_place(self) -> Iterator[None]:
+        module = self.lightning_module
+        if not self.swarm_active or module is None:
+            yield
+            return
+        proxies = {name: module.get_submodule(name) for name in self._originals}
+        for name, original in self._originals.items():
+            _set_submodule(module, name, original)
+        try:
+            yield
+        finally:
+            for name, proxy in proxies.items():
+                _set_submodule(module, name, proxy)
+
+
+# ---------------------------------------------------------------------- module surgery
+def _resolve_stages(module: nn.Module, stages: Sequence[str]) -> dict[str, nn.Module]:
+    """Look up every stage path; raise a ValueError that names a bad path and lists the valid ones."""
+    available = [name for name, _ in module.named_modules() if name]
+    found: dict[str, nn.Module] = {}
+    for path in stages:
+        if path in found:
+            raise ValueError(f"DistqatStrategy: stage '{path}' is listed twice in stages={list(stages)}")
+        try:
+            found[path] = module.get_submodule(path)
+        except AttributeError:
+            shown = ", ".join(available[:40]) + (", ..." if len(available) > 40 else "")
+            raise ValueError(
+                f"DistqatStrategy: stage '{path}' is not a submodule of {type(module).__name__}; "
+                f"available: {shown}"
+            ) from None
+    for a in found:
+        for b in found:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"DistqatStrategy: stage '{b}' lies inside stage '{a}'; stages must not overlap")
+    stage_params = {p: s for s, m in found.items() for p in m.parameters()}
+    for name, p in module.named_parameters():
+        owner = stage_params.get(p)
+        if owner is not None and not name.startswith(owner + "."):
+            raise ValueError(
+                f"DistqatStrategy: parameter '{name}' is shared with stage '{owner}' (tied weights); a stage's "
+                "parameters must belong to it alone"
+            )
+    return found
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+_CLIP_CLASSES: dict[type, type] = {}
+
+
+def _clip_across_swarm(plugin: Precision, strategy: DistqatStrategy) -> None:
+    """Make ``plugin`` clip gradients over local and remote parameters together (mixing in two overrides, so every
+    other behaviour of the user's precision plugin is kept)."""
+    base = type(plugin)
+    if getattr(base, "_distqat_clipping", False):
+        plugin._distqat_strategy = strategy  # type: ignore[attr-defined]
+        return
+    if base not in _CLIP_CLASSES:
+
+        def clip_grad_by_norm(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            self._distqat_strategy.clip_grad_norm(optimizer, float(clip_val))
+
+        def clip_grad_by_value(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            self._distqat_strategy.clip_grad_value(optimizer, float(clip_val))
+
+        _CLIP_CLASSES[base] = type(
+            f"Distqat{base.__name__}",
+            (base,),
+            {"clip_grad_by_norm": clip_grad_by_norm, "clip_grad_by_value": clip_grad_by_value,
+             "_distqat_clipping": True},
+        )
+    plugin.__class__ = _CLIP_CLASSES[base]
+    plugin._distqat_strategy = strategy  # type: ignore[attr-defined]

@@ -1,0 +1,158 @@
+"""DHT lifecycle: starting a hivemind DHT node that cannot outlive its owner, and an event-loop thread to drive
+hivemind's async P2P API from synchronous code (autograd, Lightning hooks)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Coroutine, Optional, Sequence, TypeVar
+
+import hivemind
+
+__all__ = ["start_dht", "AsyncRunner", "die_with_parent", "terminate_children"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the owner's shutdown is the only clean-up
+        pass
+
+
+def terminate_children(sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to every direct child of this process (read from /proc; no-op where /proc is missing)."""
+    pids: set[int] = set()
+    try:
+        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+            with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class _OwnedDHT(hivemind.DHT):
+    """A hivemind DHT whose background process (and its p2pd) ends when the process that started it dies,
+    even by SIGKILL, instead of lingering as an orphan."""
+
+    def run(self) -> None:
+        die_with_parent(signal.SIGTERM)
+
+        def _on_term(signum: int, frame: Any) -> None:
+            terminate_children(signal.SIGTERM)  # p2pd
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, _on_term)
+        if os.getppid() != self._parent_pid:  # the owner died before we installed the handler
+            _on_term(signal.SIGTERM, None)
+        super().run()
+
+
+def start_dht(
+    initial_peers: Optional[Sequence[str]] = None,
+    *,
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    timeout: float = 60.0,
+    **kwargs: Any,
+) -> hivemind.DHT:
+    """Start a DHT node in a background process and wait until it is ready.
+
+    Raises ``TimeoutError`` naming the peers if the node cannot join within ``timeout`` seconds: check that
+    ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
+    """
+    dht = _OwnedDHT(
+        initial_peers=list(initial_peers) if initial_peers else None,
+        host_maddrs=list(host_maddrs),
+        start=False,
+        **kwargs,
+    )
+    dht.run_in_background(await_ready=False)
+    try:
+        dht.wait_until_ready(timeout)
+    except FutureTimeout:
+        dht.shutdown()
+        raise TimeoutError(f"DHT node did not start within {timeout:.0f}s (initial_peers={initial_peers})") from None
+    except BaseException:
+        dht.shutdown()
+        raise
+    return dht
+
+
+class AsyncRunner:
+    """A daemon thread with its own asyncio loop; ``run(coro, timeout)`` executes a coroutine there and waits.
+
+    hivemind's P2P objects are bound to the loop that created them, so every P2P call of one owner goes through one
+    runner.
+    """
+
+    def __init__(self, name: str = "distqat-async") -> None:
+        self._name = name
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "AsyncRunner":
+        ready = threading.Event()
+
+        def _main() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=_main, name=self._name, daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "AsyncRunner.start() was not called"
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
+        """Run ``coro`` on the runner's loop. On timeout the coroutine is cancelled and ``TimeoutError`` raised."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"no result within {timeout}s") from None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(timeout)
+            except Exception:  # noqa: BLE001 - best effort; the loop is stopped below anyway
+                log.debug("AsyncRunner: cancelling tasks failed", exc_info=True)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("AsyncRunner %s did not stop within %.0fs", self._name, timeout)
+        self._thread = None

@@ -1,0 +1,199 @@
+"""The trainer's side of a stage: a handle that calls one expert's RPCs with timeouts, and ``RemoteStage``, the
+``nn.Module`` that stands in for a stage submodule and routes forward and backward through that expert."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Optional, Sequence
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from lightning_distqat.swarm.dht import AsyncRunner
+from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
+
+__all__ = ["ExpertError", "ExpertUnavailableError", "ExpertHandle", "RemoteStage"]
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+class ExpertError(RuntimeError):
+    """An expert answered a request with an error (bad input, bad state, a failure inside the stage)."""
+
+
+class ExpertUnavailableError(ExpertError):
+    """An expert did not answer in time or could not be reached: it may have died or its link is too slow.
+
+    Raise ``SwarmConfig.request_timeout`` for slow links; with [failover] the trainer reroutes to another expert.
+    """
+
+
+class ExpertHandle:
+    """Calls to one expert (one stage on one peer). Every call has a timeout and raises :class:`ExpertError` or
+    :class:`ExpertUnavailableError` naming the stage, the expert and the cause."""
+
+    def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float) -> None:
+        from lightning_distqat.expert.servicer import ExpertServicer  # the servicer defines the RPC names
+
+        self.stage, self.peer_id, self.timeout = stage, peer_id, timeout
+        self._runner = runner
+        self._stub = ExpertServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+        self.trainer_id: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"ExpertHandle(stage={self.stage!r}, peer={self.peer_id[-8:]})"
+
+    def _fail(self, what: str, cause: str, unavailable: bool = False) -> ExpertError:
+        cls = ExpertUnavailableError if unavailable else ExpertError
+        return cls(f"stage '{self.stage}' on expert …{self.peer_id[-8:]}: {what} failed: {cause}")
+
+    def _call(self, what: str, coro: Any, timeout: Optional[float] = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            header, tensors = self._runner.run(coro, timeout)
+        except TimeoutError:
+            raise self._fail(
+                what, f"no answer within {timeout:.0f}s; the expert may have died (raise request_timeout for slow links)",
+                unavailable=True,
+            ) from None
+        except ExpertError:
+            raise
+        except Exception as e:  # noqa: BLE001 - P2P errors come in many types; all mean the call did not go through
+            raise self._fail(what, f"{type(e).__name__}: {e}", unavailable=True) from e
+        if "error" in header:
+            raise self._fail(what, header["error"])
+        return header, tensors
+
+    def _unary(self, method: str, header: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
+        async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
+            (request,) = pack(runtime_pb2.ExpertRequest, {**header, "trainer": self.trainer_id})
+            response = await getattr(self._stub, method)(request)
+            return unpack([response])
+
+        return self._call(method.removeprefix("rpc_"), _go(), timeout)[0]
+
+    def _stream(
+        self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor], timeout: Optional[float] = None
+    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        messages = list(pack(runtime_pb2.ExpertRequest, {**header, "trainer": self.trainer_id}, tensors))
+
+        async def _requests():  # noqa: ANN202
+            for message in messages:
+                yield message
+
+        async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
+            return await unpack_stream(await getattr(self._stub, method)(_requests()))
+
+        return self._call(method.removeprefix("rpc_"), _go(), timeout)
+
+    # ------------------------------------------------------------------ RPCs
+    def forward(
+        self, request_id: str, layout: dict[str, Any], tensors: Sequence[torch.Tensor], *, training: bool, need_grad: bool
+    ) -> tuple[list[torch.Tensor], bool]:
+        header = {"request_id": request_id, "layout": layout, "training": training, "need_grad": need_grad}
+        reply, outputs = self._stream("rpc_forward", header, tensors)
+        return outputs, bool(reply["tuple"])
+
+    def backward(self, request_id: str, grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        reply, grads = self._stream("rpc_backward", {"request_id": request_id}, grad_outputs)
+        it = iter(grads)
+        return [next(it) if present else None for present in reply["present"]]
+
+    def configure(self, optimizers: dict[int, dict[str, Any]]) -> None:
+        self._unary("rpc_configure", {"optimizers": {str(i): spec for i, spec in optimizers.items()}})
+
+    def step(self, index: int, groups: list[dict[str, Any]], *, grad_scale=None, clip_value=None) -> None:  # noqa: ANN001
+        self._unary("rpc_step", {"index": index, "groups": groups, "grad_scale": grad_scale, "clip_value": clip_value})
+
+    def grad_norm(self, norm_type: float) -> float:
+        return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
+
+    def get_state(self) -> dict[str, Any]:
+        return tensor_to_state(self._stream("rpc_get_state", {}, [])[1][0])
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._stream("rpc_set_state", {}, [state_to_tensor(state)])
+
+    def info(self, timeout: Optional[float] = None) -> dict[str, Any]:
+        return self._unary("rpc_info", {}, timeout)
+
+    def claim(self, trainer_id: str, ttl: float, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Ask for (or renew) this expert's lease. Returns ``{"granted": bool, "holder": str | None}``."""
+        return self._unary("rpc_claim", {"claimant": trainer_id, "ttl": ttl}, timeout)
+
+    def release(self, trainer_id: str, timeout: Optional[float] = None) -> None:
+        self._unary("rpc_claim", {"claimant": trainer_id, "ttl": 0.0}, timeout)
+
+
+def _layout(stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    tensors: list[torch.Tensor] = []
+
+    def _entry(where: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return "t"
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+            return ["v", value]
+        raise TypeError(
+            f"RemoteStage '{stage}': {where} is a {type(value).__name__}; a remote stage takes tensors and plain "
+            "values (int, float, bool, str, None). Pass tensors, or keep this submodule local (leave it out of stages)."
+        )
+
+    layout = {
+        "args": [_entry(f"argument {i}", a) for i, a in enumerate(args)],
+        "kwargs": {k: _entry(f"keyword argument {k!r}", v) for k, v in kwargs.items()},
+    }
+    return layout, tensors
+
+
+class _RemoteCall(torch.autograd.Function):
+    """Forward runs the stage on its expert; backward sends output grads to the same expert (its activations are
+    there) and returns the input grads it computed."""
+
+    @staticmethod
+    def forward(ctx, dummy, handle, layout, training, reply, *tensors):  # noqa: ANN001, ANN205
+        request_id = uuid.uuid4().hex
+        outputs, reply["tuple"] = handle.forward(request_id, layout, tensors, training=training, need_grad=True)
+        ctx.handle, ctx.request_id = handle, request_id
+        ctx.inputs = [(t.device, t.dtype) for t in tensors]
+        outputs = [o.to(dummy.device) for o in outputs]
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):  # noqa: ANN001, ANN205
+        grads = ctx.handle.backward(ctx.request_id, [g.contiguous() for g in grad_outputs])
+        grads = [g.to(device=d, dtype=t) if g is not None else None for g, (d, t) in zip(grads, ctx.inputs)]
+        return (None, None, None, None, None, *grads)
+
+
+class RemoteStage(nn.Module):
+    """Stands in for a stage submodule: same call signature (tensors and plain values), computed on an expert."""
+
+    def __init__(self, name: str, handle: ExpertHandle) -> None:
+        super().__init__()
+        self.stage_name = name
+        self.handle = handle
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage_name!r}, expert=…{self.handle.peer_id[-8:]}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        layout, tensors = _layout(self.stage_name, args, kwargs)
+        if torch.is_grad_enabled():
+            dummy = torch.empty(0, device=self._device_anchor.device, requires_grad=True)
+            reply: dict[str, bool] = {}
+            outputs = _RemoteCall.apply(dummy, self.handle, layout, self.training, reply, *tensors)
+            is_tuple = reply["tuple"]
+        else:
+            outputs, is_tuple = self.handle.forward(
+                uuid.uuid4().hex, layout, tensors, training=self.training, need_grad=False
+            )
+            outputs = [o.to(self._device_anchor.device) for o in outputs]
+        return tuple(outputs) if is_tuple else outputs[0]
+

@@ -1,0 +1,77 @@
+"""Shared fixtures. Every test is policed for leaks: child processes, p2pd daemons, threads and /dev/shm entries
+that outlive it fail the test (the idea of Lightning's own autouse fixtures)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from tests.helpers import children_of, describe, kill_pids, p2pd_pids, shm_entries
+
+LEAK_GRACE_SECONDS = 15.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_singletons():
+    """Per-process singletons that live until the interpreter exits, where they are freed: hivemind's MPFuture
+    backend thread and its pooled torch shared-memory buffer (served by torch_shm_manager and multiprocessing's
+    resource-sharer thread), and multiprocessing's resource tracker (started by the first spawned process). Create
+    them before the first leak baseline, so that the leak check sees only what a test itself left behind."""
+    from multiprocessing import resource_tracker
+
+    from lightning_distqat.swarm.dht import start_dht
+
+    resource_tracker.ensure_running()
+    dht = start_dht()
+    try:
+        dht.get("warm-up", latest=True)
+    finally:
+        dht.shutdown()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves processes, p2pd daemons, threads or shared-memory segments behind."""
+    children_before = children_of(os.getpid())
+    p2pd_before = p2pd_pids()
+    threads_before = {t.ident for t in threading.enumerate()}
+    shm_before = shm_entries()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_SECONDS
+    poll = threading.Event()
+    while True:
+        children = children_of(os.getpid()) - children_before
+        daemons = p2pd_pids() - p2pd_before
+        threads = [
+            t for t in threading.enumerate()
+            if t.ident not in threads_before and t.is_alive() and not t.name.startswith(("pydevd", "asyncio_"))
+        ]
+        # hivemind's MPFuture pool in this process hands out torch shared-memory chunks of 16 bytes and lets the GC
+        # free old ones; it is the process-wide singleton above, freed at exit, so it is not counted per test.
+        shm = {e for e in shm_entries() - shm_before if not e.startswith(f"torch_{os.getpid()}_")}
+        if not (children or daemons or threads or shm) or time.monotonic() > deadline:
+            break
+        poll.wait(0.2)
+    leftovers = describe(children | daemons)
+    kill_pids(children | daemons)  # ours: started by this test; ended so the next test starts clean
+    problems = []
+    if children:
+        problems.append(f"child processes left running: {leftovers}")
+    if daemons:
+        problems.append(f"p2pd daemons left running: {sorted(daemons)}")
+    if threads:
+        problems.append(f"threads left running: {[t.name for t in threads]}")
+    if shm:
+        problems.append(f"/dev/shm entries left behind: {sorted(shm)}")
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="lightning_distqat")
+    yield

@@ -1,0 +1,168 @@
+"""Test helpers: small models and data, plain-Lightning references, and process bookkeeping."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+# ---------------------------------------------------------------------- processes
+def children_of(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc), zombies excluded."""
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                if kid not in found and not _is_zombie(kid):
+                    found.add(kid)
+                    frontier.append(kid)
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def p2pd_pids() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == "p2pd" and not _is_zombie(int(entry)):
+                        pids.add(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def shm_entries() -> set[str]:
+    try:
+        return {e for e in os.listdir("/dev/shm") if not e.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
+def describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {cmdline[:160]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+def kill_pids(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------- models and data
+class ThreeStageNet(pl.LightningModule):
+    """stem -> body -> head, with one local parameter outside every stage."""
+
+    def __init__(self, optimizer: str = "sgd", scheduler: bool = False, width: int = 32) -> None:
+        super().__init__()
+        self.optimizer_name, self.use_scheduler = optimizer, scheduler
+        self.stem = nn.Sequential(nn.Linear(16, width), nn.Tanh())
+        self.body = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+        self.head = nn.Linear(width, 4)
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x))) * self.temperature
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(
+                [
+                    {"params": [p for n, p in self.named_parameters() if n.endswith("weight")]},
+                    {"params": [p for n, p in self.named_parameters() if not n.endswith("weight")], "lr": 3e-3},
+                ],
+                lr=1e-2, weight_decay=0.05,
+            )
+        else:
+            raise ValueError(self.optimizer_name)
+        if not self.use_scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
+
+
+def toy_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def fit_params(make_model: Callable[[], pl.LightningModule], loader_fn=toy_loader, **trainer_kwargs: Any):
+    """Seeded model, fitted; returns ``(model, trainer)``."""
+    pl.seed_everything(0, verbose=False)
+    model = make_model()
+    trainer = quiet_trainer(**trainer_kwargs)
+    trainer.fit(model, train_dataloaders=loader_fn())
+    return model, trainer
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), f"state keys differ: {set(a) ^ set(b)}"
+    worst = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            worst = max(worst, float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)))
+        else:
+            assert torch.equal(a[k], b[k]), k
+    return worst
