@@ -22,7 +22,7 @@ from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
 from lightning_distqat.swarm.records import stage_fingerprint
-from lightning_distqat.swarm.remote import ExpertHandle, RemoteStage
+from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
 
 __all__ = ["DistqatStrategy"]
 
@@ -320,16 +320,26 @@ class DistqatStrategy(Strategy):
                 self._client = None
 
     def _bring_home(self) -> None:
-        """Load every stage's trained weights and optimizer state from its expert into the user's objects."""
-        try:
-            states = self._pull_states()
-        except Exception as e:  # noqa: BLE001 - teardown must go on; the user is told what was not brought back
+        """Load every stage's trained weights and optimizer state from its expert into the user's objects.
+
+        A stage whose expert cannot answer keeps the weights it had when training started; the error says which.
+        """
+
+        def pull(handle: ExpertHandle) -> Any:
+            try:
+                return handle.get_state()
+            except ExpertError as e:
+                return e
+
+        handles = list(self._handles.values())
+        pulled = dict(zip([h.stage for h in handles], self._each(pull, handles)))
+        failed = {stage: e for stage, e in pulled.items() if isinstance(e, ExpertError)}
+        for stage, error in failed.items():
             log.error(
-                "DistqatStrategy: could not pull the trained stage weights from the experts (%s); the module keeps the "
-                "stage weights it had when training started",
-                e,
+                "DistqatStrategy: could not bring the trained weights of stage '%s' home (%s); the module keeps the "
+                "weights this stage had when training started", stage, error,
             )
-            return
+        states = {stage: st for stage, st in pulled.items() if stage not in failed}
         for name, state in states.items():
             device = next(self._originals[name].parameters(), torch.empty(0)).device
             self._originals[name].load_state_dict({k: v.to(device) for k, v in state["module"].items()})

@@ -85,7 +85,8 @@ class ExpertHandle:
                 yield message
 
         async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
-            return await unpack_stream(await getattr(self._stub, method)(_requests()))
+            reply = await getattr(self._stub, method)(_requests())
+            return await unpack_stream(reply) if hasattr(reply, "__aiter__") else unpack([reply])
 
         return self._call(method.removeprefix("rpc_"), _go(), timeout)
 

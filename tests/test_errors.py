@@ -1,0 +1,119 @@
+"""Bad input gets clear errors; one bad request never breaks an expert; a dead expert fails the trainer in bounded
+time and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_distqat import DistqatStrategy, ExpertError, ExpertUnavailableError, SwarmConfig
+from lightning_distqat.config import ExpertConfig
+from lightning_distqat.swarm.embedded import EmbeddedSwarm
+from lightning_distqat.swarm.pipeline import SwarmClient
+from lightning_distqat.swarm.records import stage_fingerprint
+from tests.helpers import ThreeStageNet, quiet_trainer, toy_loader
+
+
+def test_bad_stage_path_names_it_and_lists_valid_paths():
+    trainer = quiet_trainer(max_steps=1, strategy=DistqatStrategy(stages=["stem", "bdy"]))
+    with pytest.raises(ValueError) as info:
+        trainer.fit(ThreeStageNet(), toy_loader())
+    message = str(info.value)
+    assert "'bdy'" in message and "ThreeStageNet" in message
+    assert "available:" in message and "body" in message and "stem" in message
+
+
+def test_overlapping_stages_are_refused():
+    trainer = quiet_trainer(max_steps=1, strategy=DistqatStrategy(stages=["body", "body.0"]))
+    with pytest.raises(ValueError, match="lies inside stage 'body'"):
+        trainer.fit(ThreeStageNet(), toy_loader())
+
+
+@pytest.fixture
+def one_expert():
+    """A real expert process hosting Linear(4, 3) and a trainer-side client holding its lease."""
+    torch.manual_seed(0)
+    stage = nn.Linear(4, 3)
+    client = SwarmClient(SwarmConfig(experiment="errors", request_timeout=20, discovery_timeout=30))
+    swarm = EmbeddedSwarm({"proj": stage}, expert_config=ExpertConfig(experiment="errors"))
+    try:
+        client.start()
+        swarm.start(client.visible_maddrs)
+        handle = client.claim_pipeline({"proj": stage_fingerprint(stage)})["proj"]
+        yield stage, handle, swarm
+    finally:
+        client.release_all()
+        swarm.shutdown()
+        client.shutdown()
+
+
+@pytest.mark.swarm
+def test_expert_rejects_bad_tensors_and_serves_the_next_request(one_expert):
+    stage, handle, _ = one_expert
+    layout = {"args": ["t"], "kwargs": {}}
+    weights_before = handle.get_state()["module"]
+
+    with pytest.raises(ExpertError) as wrong_shape:
+        handle.forward("a", layout, [torch.randn(2, 5)], training=True, need_grad=True)
+    assert "stage 'proj'" in str(wrong_shape.value) and "expert" in str(wrong_shape.value)
+    assert "shape" in str(wrong_shape.value) or "mat1" in str(wrong_shape.value)
+    assert not isinstance(wrong_shape.value, ExpertUnavailableError)
+
+    with pytest.raises(ExpertError, match="dtype|Double|Float"):
+        handle.forward("b", layout, [torch.randn(2, 4, dtype=torch.float64)], training=True, need_grad=True)
+
+    x = torch.randn(2, 4)
+    (out,), is_tuple = handle.forward("c", layout, [x], training=True, need_grad=True)
+    assert not is_tuple
+    assert torch.allclose(out, stage(x), atol=1e-6)
+
+    with pytest.raises(ExpertError, match="output grad has shape"):
+        handle.backward("c", [torch.ones(5, 5)])
+    (grad_x,) = handle.backward("c", [torch.ones(2, 3)])  # the context survived the bad backward
+    assert torch.allclose(grad_x, torch.ones(2, 3) @ stage.weight.detach(), atol=1e-6)
+
+    with pytest.raises(ExpertError, match="no forward with id"):
+        handle.backward("never-sent", [torch.ones(2, 3)])
+
+    after = handle.get_state()["module"]
+    assert all(torch.equal(after[k], weights_before[k]) for k in after), "bad requests changed the weights"
+
+
+@pytest.mark.swarm
+def test_lease_keeps_other_trainers_out(one_expert):
+    _, handle, _ = one_expert
+    reply = handle.claim("someone-else", ttl=30)
+    assert reply == {"granted": False, "holder": handle.trainer_id}
+
+
+class _KillExpertAt(Callback):
+    def __init__(self, step: int, stage_index: int) -> None:
+        self.step, self.stage_index, self.killed_at = step, stage_index, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.killed_at is None:
+            process = trainer.strategy._embedded.processes[self.stage_index]
+            os.kill(process.pid, signal.SIGKILL)
+            self.killed_at = time.monotonic()
+
+
+@pytest.mark.swarm
+def test_killed_expert_fails_the_trainer_quickly_and_cleanly():
+    killer = _KillExpertAt(step=2, stage_index=1)
+    timeout = 10.0
+    trainer = quiet_trainer(
+        max_steps=6, callbacks=[killer],
+        strategy=DistqatStrategy(stages=["stem", "body", "head"], swarm=SwarmConfig(request_timeout=timeout)),
+    )
+    with pytest.raises(ExpertUnavailableError) as info:
+        trainer.fit(ThreeStageNet(), toy_loader())
+    elapsed = time.monotonic() - killer.killed_at
+    assert "stage 'body'" in str(info.value)
+    assert elapsed < 3 * timeout + 15, f"the trainer needed {elapsed:.0f}s to give up"
+    # the no_leaks fixture checks that no expert, DHT process or p2pd outlived the failure

@@ -1,0 +1,100 @@
+"""Pure logic, no network: records, messages, optimizer splitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from torch import nn
+
+from lightning_distqat.expert.backend import StageBackend
+from lightning_distqat.swarm.messages import CHUNK_BYTES, pack, state_to_tensor, tensor_to_state, unpack
+from lightning_distqat.swarm.optimizers import OptimizerSplit
+from lightning_distqat.swarm.pipeline import rank_candidates
+from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_fingerprint
+
+
+def test_fingerprint_tracks_names_and_shapes():
+    assert stage_fingerprint(nn.Linear(4, 3)) == stage_fingerprint(nn.Linear(4, 3))
+    assert stage_fingerprint(nn.Linear(4, 3)) != stage_fingerprint(nn.Linear(4, 5))
+    assert stage_fingerprint(nn.Linear(4, 3)) != stage_fingerprint(nn.Sequential(nn.Linear(4, 3)))
+
+
+def test_record_validation():
+    good = ExpertRecord(peer_id="p", stage="s", fingerprint="f", throughput=2.0, lease_holder="t")
+    assert ExpertRecord.from_dict(good.to_dict()) == good
+    for bad in ["x", {"peer_id": 1, "stage": "s", "fingerprint": "f"}, {**good.to_dict(), "evil": True},
+                {**good.to_dict(), "lease_holder": 3}]:
+        with pytest.raises(RecordError):
+            ExpertRecord.from_dict(bad)
+
+
+def test_rank_candidates_prefers_free_matching_fast():
+    records = [
+        ExpertRecord(peer_id="a", stage="s", fingerprint="f", throughput=1.0, lease_holder="other"),
+        ExpertRecord(peer_id="b", stage="s", fingerprint="f", throughput=1.0),
+        ExpertRecord(peer_id="c", stage="s", fingerprint="f", throughput=5.0),
+        ExpertRecord(peer_id="d", stage="s", fingerprint="wrong", throughput=9.0),
+    ]
+    assert [r.peer_id for r in rank_candidates(records, "f", "me")] == ["c", "b", "a"]
+
+
+def test_pack_unpack_round_trip_splits_large_tensors():
+    big = torch.randn(3 * CHUNK_BYTES // 4 + 5)  # > 3 chunks
+    tensors = [torch.arange(6).view(2, 3), big, torch.empty(0), torch.randn(2, dtype=torch.bfloat16)]
+    messages = list(pack(runtime_pb2.ExpertRequest, {"k": (1, 2), "s": "x"}, tensors))
+    assert len(messages) >= 4 and all(m.ByteSize() < 4 * 2**20 for m in messages)
+    header, out = unpack(messages)
+    assert header == {"k": (1, 2), "s": "x"}
+    assert len(out) == len(tensors) and all(torch.equal(a, b) for a, b in zip(out, tensors))
+    assert tensor_to_state(state_to_tensor({"a": torch.ones(2), 1: [3, "b"]})).keys() == {"a", 1}
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 2)
+        self.c = nn.Parameter(torch.ones(1))
+
+
+def _train_one_step(net, opt):
+    opt.zero_grad()
+    (net.b(net.a(torch.randn(4, 3))) * net.c).sum().backward()
+    opt.step()
+
+
+def test_optimizer_split_merge_and_split_are_inverse():
+    torch.manual_seed(0)
+    net = _Net()
+    opt = torch.optim.AdamW([{"params": [net.a.weight, net.c]}, {"params": [net.a.bias, *net.b.parameters()],
+                                                                   "lr": 0.1}])
+    _train_one_step(net, opt)
+    full = opt.state_dict()
+
+    split = OptimizerSplit.create(opt, 0, {"a": net.a, "b": net.b})
+    assert split.stages == ["a", "b"]
+    assert split.expert_spec("b")["groups"][0]["param_names"] == []
+    assert split.expert_spec("b")["groups"][1]["param_names"] == ["weight", "bias"]
+    local, per_stage = split.split_state(full)
+    # stage parts as a StageBackend would keep them: load them into real backends, read them back
+    backends = {name: StageBackend(name, m) for name, m in {"a": net.a, "b": net.b}.items()}
+    for name, backend in backends.items():
+        backend.configure_optimizer(0, split.expert_spec(name))
+        backend.set_state({"optimizers": {0: per_stage[name]}})
+    split.keep_local()
+    opt.load_state_dict(local)
+    merged = split.merge_state({n: b.get_state()["optimizers"][0] for n, b in backends.items()})
+    assert merged["param_groups"] == full["param_groups"]
+    assert merged["state"].keys() == full["state"].keys()
+    for i in full["state"]:
+        for k, v in full["state"][i].items():
+            assert torch.equal(merged["state"][i][k], v), (i, k)
+    split.restore()
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 3]
+
+
+def test_lbfgs_is_refused_with_a_reason():
+    net = _Net()
+    with pytest.raises(ValueError, match="LBFGS"):
+        OptimizerSplit.create(torch.optim.LBFGS(net.parameters()), 0, {"a": net.a})
