@@ -4,12 +4,17 @@
 package also registers the strategy name, so ``Trainer(strategy="distqat")`` resolves.
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+import warnings
 
-from lightning_distqat.config import ExpertConfig, SwarmConfig
-from lightning_distqat.strategy import DistqatStrategy
-from lightning_distqat.swarm.pipeline import PipelineUnavailableError
-from lightning_distqat.swarm.remote import ExpertError, ExpertUnavailableError
+# hivemind's MoE layers call torch.jit.script when imported; current torch warns about that in every process.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
+
+from lightning_distqat.config import ExpertConfig, SwarmConfig  # noqa: E402
+from lightning_distqat.strategy import DistqatStrategy  # noqa: E402
+from lightning_distqat.swarm.pipeline import PipelineUnavailableError  # noqa: E402
+from lightning_distqat.swarm.remote import ExpertError, ExpertUnavailableError  # noqa: E402
 
 __all__ = [
     "DistqatStrategy",

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -177,9 +178,12 @@ class DistqatStrategy(Strategy):
             )
             atexit.register(self._embedded.shutdown)
             self._embedded.start(self._client.visible_maddrs)
-            log.info("embedded swarm: %d experts serving stages %s", len(self._originals), list(self._originals))
+            rank_zero_info(f"DistqatStrategy: embedded swarm up, {len(self._originals)} experts serve {list(self._originals)}")
         fingerprints = {name: stage_fingerprint(m) for name, m in self._originals.items()}
         self._handles = self._client.claim_pipeline(fingerprints)
+        rank_zero_info(
+            "DistqatStrategy: pipeline " + " -> ".join(f"{s} @ …{h.peer_id[-8:]}" for s, h in self._handles.items())
+        )
         self._pool = ThreadPoolExecutor(max(1, len(self._handles)), thread_name_prefix="distqat-fanout")
         if cfg.initial_peers:  # a joined swarm's experts start with their own weights: seed them with ours
             self._each(lambda h: h.set_state({"module": self._originals[h.stage].state_dict()}))

@@ -141,7 +141,8 @@ def run_embedded_expert(config: ExpertConfig, module_blob: bytes, conn: Connecti
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:
         return
-    logging.basicConfig(level=log_level, format=f"[expert {config.stage}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"[expert {config.stage}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightning_distqat").setLevel(log_level)
     try:
         module = torch.load(io.BytesIO(module_blob), weights_only=False)  # our own parent pickled it
         server = ExpertServer(config, module, on_ready=lambda info: conn.send(("ready", info)))

@@ -1,0 +1,5 @@
+"""Example model families, each a LightningModule with named stage paths."""
+
+from lightning_distqat.models.resnet import ResNetClassifier
+
+__all__ = ["ResNetClassifier"]

@@ -64,7 +64,7 @@ class EmbeddedSwarm:
                     parent_conn, child_conn = ctx.Pipe(duplex=False)
                     process = ctx.Process(
                         target=run_embedded_expert,
-                        args=(config, blob.getvalue(), child_conn, logging.getLogger().getEffectiveLevel()),
+                        args=(config, blob.getvalue(), child_conn, logging.getLogger("lightning_distqat").getEffectiveLevel()),
                         name=f"distqat-expert-{name}-{replica}",
                     )
                     process.start()

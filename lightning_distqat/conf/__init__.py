@@ -1,0 +1,1 @@
+"""Hydra configs shipped with the package (also visible as conf/ at the repository root)."""

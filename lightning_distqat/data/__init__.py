@@ -1,0 +1,1 @@
+"""Datasets for the examples and tests (the shared-memory data server comes with the [data] issue)."""
