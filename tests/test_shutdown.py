@@ -75,12 +75,17 @@ def _wait_gone(pids: set[int], seconds: float) -> set[int]:
     return alive
 
 
+def _torch_segments_of(pids: set[int]) -> list[str]:
+    return [e for e in os.listdir("/dev/shm") if e.startswith("torch_") and int(e.split("_")[1]) in pids]
+
+
 def test_ctrl_c_stops_the_whole_swarm(tmp_path):
     process, family = _start_training(tmp_path)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert "KeyboardInterrupt" in output or "graceful shutdown" in output, output[-3000:]
     assert not _wait_gone(family, 20), "processes outlived Ctrl+C"
+    assert not _torch_segments_of(family | {process.pid}), "shared-memory segments outlived the run"
 
 
 def test_killed_trainer_takes_its_swarm_along(tmp_path):

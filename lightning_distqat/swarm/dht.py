@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Coroutine, Optional, Sequence, TypeVar
 
@@ -69,29 +70,39 @@ def start_dht(
     *,
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     timeout: float = 60.0,
+    attempts: int = 3,
     **kwargs: Any,
 ) -> hivemind.DHT:
     """Start a DHT node in a background process and wait until it is ready.
 
-    Raises ``TimeoutError`` naming the peers if the node cannot join within ``timeout`` seconds: check that
-    ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
+    A busy bootstrap peer can miss a new node's first connection ("failed to connect to bootstrap peers"), so joining
+    is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError`` naming the peers if the node cannot join:
+    check that ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
     """
-    dht = _OwnedDHT(
-        initial_peers=list(initial_peers) if initial_peers else None,
-        host_maddrs=list(host_maddrs),
-        start=False,
-        **kwargs,
-    )
-    dht.run_in_background(await_ready=False)
-    try:
-        dht.wait_until_ready(timeout)
-    except FutureTimeout:
-        dht.shutdown()
-        raise TimeoutError(f"DHT node did not start within {timeout:.0f}s (initial_peers={initial_peers})") from None
-    except BaseException:
-        dht.shutdown()
-        raise
-    return dht
+    deadline = time.monotonic() + timeout
+    for attempt in range(1, attempts + 1):
+        dht = _OwnedDHT(
+            initial_peers=list(initial_peers) if initial_peers else None,
+            host_maddrs=list(host_maddrs),
+            start=False,
+            **kwargs,
+        )
+        dht.run_in_background(await_ready=False)
+        try:
+            dht.wait_until_ready(max(1.0, deadline - time.monotonic()))
+            return dht
+        except FutureTimeout:
+            dht.shutdown()
+            raise TimeoutError(f"DHT node did not start within {timeout:.0f}s (initial_peers={initial_peers})") from None
+        except Exception as e:
+            dht.shutdown()
+            if attempt == attempts or time.monotonic() >= deadline or "bootstrap" not in str(e):
+                raise
+            log.warning("DHT node could not join %s (%s); trying again (%d/%d)", initial_peers, e, attempt, attempts)
+        except BaseException:
+            dht.shutdown()
+            raise
+    raise AssertionError("unreachable")
 
 
 class AsyncRunner:

@@ -1,0 +1,120 @@
+"""DiLoCo rounds over real hivemind averaging on loopback: replicas agree after every round, a replica that does not
+show up is left out without blocking the others, and a late joiner starts from the current outer state."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
+from lightning_distqat.swarm.dht import start_dht
+
+pytestmark = [pytest.mark.swarm]
+CFG = DiLoCoConfig(inner_steps=3, matchmaking_time=1.0, averaging_timeout=15.0)
+
+
+def _inner_steps(model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 5, generator=g), torch.randn(8, 2, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _in_parallel(*fns):
+    results, errors = [None] * len(fns), []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a round did not finish within 60s"
+    return results
+
+
+@pytest.fixture
+def two_nodes():
+    first = start_dht()
+    second = start_dht([str(m) for m in first.get_visible_maddrs()])
+    third = start_dht([str(m) for m in first.get_visible_maddrs()])
+    syncs: list[DiLoCoSync] = []
+    try:
+        yield (first, second, third), syncs
+    finally:
+        for sync in syncs:
+            sync.shutdown()
+        for node in (third, second, first):
+            node.shutdown()
+
+
+def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
+    (dht_a, dht_b, dht_c), syncs = two_nodes
+    torch.manual_seed(0)
+    base = nn.Linear(5, 2)
+    models = [copy.deepcopy(base) for _ in range(3)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    a = DiLoCoSync(list(models[0].parameters()), CFG, dht=dht_a, prefix="t_s_diloco")
+    b = DiLoCoSync(list(models[1].parameters()), CFG, dht=dht_b, prefix="t_s_diloco")
+    syncs += [a, b]
+    a.start()  # one after the other: real replicas are separate processes, and forking from two threads at once
+    b.start()  # is unsafe
+
+    for r in range(2):
+        before = [s.state.pseudo_gradients() for s in (a, b)]
+
+        def go(sync, model, opt, seed, weight):
+            _inner_steps(model, opt, seed, CFG.inner_steps)
+            return sync.round(samples=weight)
+
+        outer_before = [o.detach().clone() for o in a.state.outer]
+        reports = _in_parallel(lambda: go(a, models[0], opts[0], 10 + r, 24),
+                               lambda: go(b, models[1], opts[1], 20 + r, 8))
+        assert [rep.group_size for rep in reports] == [2, 2], reports
+        assert all(rep.bytes_sent > 0 for rep in reports)
+        # hivemind's all-reduce hands each peer its own part plus a delta, so replicas agree to float rounding
+        for oa, ob in zip(a.state.outer, b.state.outer):
+            assert torch.allclose(oa, ob, rtol=1e-6, atol=1e-8), "replicas differ after a round"
+        for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-8)
+        assert a.state.round == b.state.round == r + 1
+        assert not all(torch.equal(x, y) for x, y in zip(outer_before, a.state.outer)), "the outer step did nothing"
+        del before
+
+    # a replica that starts late adopts the current outer state
+    c = DiLoCoSync(list(models[2].parameters()), CFG, dht=dht_c, prefix="t_s_diloco")
+    syncs.append(c)
+    c.start()
+    assert c.state.round == 2
+    for pc, pa in zip(models[2].parameters(), models[0].parameters()):
+        assert torch.allclose(pc, pa, rtol=1e-6, atol=1e-8)
+
+
+def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
+    (dht_a, dht_b, _), syncs = two_nodes
+    model_a, model_b = nn.Linear(5, 2), nn.Linear(5, 2)
+    cfg = DiLoCoConfig(inner_steps=1, matchmaking_time=1.0, averaging_timeout=4.0)
+    a = DiLoCoSync(list(model_a.parameters()), cfg, dht=dht_a, prefix="t_x_diloco")
+    b = DiLoCoSync(list(model_b.parameters()), cfg, dht=dht_b, prefix="t_x_diloco")
+    syncs += [a, b]
+    a.start()
+    b.start()
+    _inner_steps(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), 1, 2)
+    expected = [o.detach() - p.detach() for o, p in zip(a.state.outer, model_a.parameters())]
+    report = a.round(samples=16)  # b never shows up for this round
+    assert report.group_size == 1 and report.round == 1
+    assert a.state.round == 1 and b.state.round == 0
+    assert all(torch.isfinite(p).all() for p in model_a.parameters())
+    assert any(g.abs().sum() > 0 for g in expected)
