@@ -12,12 +12,14 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
 from lightning_distqat.config import ExpertConfig, SwarmConfig  # noqa: E402
+from lightning_distqat.diloco import DiLoCoConfig  # noqa: E402
 from lightning_distqat.strategy import DistqatStrategy  # noqa: E402
 from lightning_distqat.swarm.pipeline import PipelineUnavailableError  # noqa: E402
 from lightning_distqat.swarm.remote import ExpertError, ExpertUnavailableError  # noqa: E402
 
 __all__ = [
     "DistqatStrategy",
+    "DiLoCoConfig",
     "SwarmConfig",
     "ExpertConfig",
     "ExpertError",

@@ -109,6 +109,10 @@ class OuterState:
         for p, o in zip(self.local, self.outer):
             p.copy_(o.to(p.device, p.dtype))
 
+    def checksum(self) -> float:
+        """A float64 sum over the outer params: replicas that agree have (nearly) equal checksums."""
+        return float(sum(o.detach().double().sum() for o in self.outer))
+
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "outer": [o.detach().clone() for o in self.outer],
                 "optimizer": self.optimizer.state_dict()}

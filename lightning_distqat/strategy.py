@@ -4,6 +4,7 @@ to call it."""
 from __future__ import annotations
 
 import atexit
+from dataclasses import asdict
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,15 +15,17 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_distqat.config import ExpertConfig, SwarmConfig
+from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
 from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
-from lightning_distqat.swarm.records import stage_fingerprint
+from lightning_distqat.swarm.records import averaging_prefix, stage_fingerprint
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
 
 __all__ = ["DistqatStrategy"]
@@ -40,6 +43,10 @@ class DistqatStrategy(Strategy):
             one expert process per stage on loopback, stopped at teardown.
         experiment: prefix of every DHT key; trainers and experts of one experiment must share it.
         swarm: further network settings (timeouts, listen addresses); ``experiment``/``initial_peers`` override it.
+        diloco: run DiLoCo: every ``inner_steps`` optimizer steps the replicas average pseudo-gradients and take an
+            outer step. With ``stages`` every expert of the pipeline does this for its stage (the replicas are the
+            other pipelines' experts of that stage); without ``stages`` the whole model is one replica per trainer
+            (data-parallel DiLoCo for any LightningModule).
     """
 
     strategy_name = "distqat"
@@ -51,6 +58,7 @@ class DistqatStrategy(Strategy):
         initial_peers: Optional[Sequence[str]] = None,
         experiment: Optional[str] = None,
         swarm: Optional[SwarmConfig] = None,
+        diloco: Optional[DiLoCoConfig] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         precision_plugin: Optional[Precision] = None,
     ) -> None:
@@ -70,6 +78,12 @@ class DistqatStrategy(Strategy):
         self._splits: dict[int, OptimizerSplit] = {}
         self._pending: dict[str, Any] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
+        self.diloco = diloco
+        self._dp_sync: Optional[DiLoCoSync] = None
+        self._inner_steps = 0
+        self._samples_since_round = 0.0
+        self.diloco_reports: list[dict[str, Any]] = []
+        """One entry per outer round: round, group size, bytes sent/received, outer-param checksum per stage."""
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -166,6 +180,8 @@ class DistqatStrategy(Strategy):
             except BaseException:
                 self._stop_swarm(pull_weights=False)
                 raise
+        elif self.diloco is not None:
+            self._client = SwarmClient(self.swarm_config).start()
         super().setup(trainer)
 
     def _start_swarm(self) -> None:
@@ -207,6 +223,73 @@ class DistqatStrategy(Strategy):
 
     # ------------------------------------------------------------------ training
     @override
+    def on_train_start(self) -> None:
+        """Join the DiLoCo averaging groups (after any checkpoint was restored, so the outer state starts from it).
+
+        Every expert of the pipeline joins its stage's group; the parameters that live on this trainer (the whole
+        model without stages, or those outside every stage) join a group of their own.
+        """
+        super().on_train_start()
+        if self.diloco is None or self._client is None:
+            return
+        assert self.lightning_module is not None
+        rounds = []
+        if self.swarm_active:
+            config = asdict(self.diloco)
+            rounds += self._each(lambda h: h.diloco("start", timeout=self._round_timeout(), config=config)["round"])
+        local = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        if local:
+            group = "trainer-local" if self.swarm_active else "model"
+            prefix = averaging_prefix(self.swarm_config.experiment, group)
+            self._dp_sync = DiLoCoSync(local, self.diloco, dht=self._client.dht, prefix=prefix).start()
+            rounds.append(self._dp_sync.state.round)
+        rank_zero_info(
+            f"DistqatStrategy: DiLoCo on, an outer round every {self.diloco.inner_steps} inner steps "
+            f"(starting at round {max(rounds, default=0)})"
+        )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.diloco is not None and args:
+            try:
+                self._samples_since_round += extract_batch_size(args[0])
+            except Exception:  # noqa: BLE001 - a batch without a size counts as one sample
+                self._samples_since_round += 1
+        return super().training_step(*args, **kwargs)
+
+    def _round_timeout(self) -> float:
+        assert self.diloco is not None
+        return self.diloco.averaging_timeout + self.swarm_config.request_timeout
+
+    def _outer_round(self) -> None:
+        """One DiLoCo round on every stage of the pipeline (concurrently, so they sync at the same inner step) or on
+        the whole model."""
+        samples, self._samples_since_round = self._samples_since_round, 0.0
+        pending = None
+        if self.swarm_active:
+            assert self._pool is not None
+            pending = [self._pool.submit(h.diloco, "round", self._round_timeout(), samples=samples)
+                       for h in self._handles.values()]
+        per_stage: dict[str, dict[str, Any]] = {}
+        if self._dp_sync is not None:  # this trainer's own parameters, while the experts run their rounds
+            group = "trainer-local" if self.swarm_active else "model"
+            per_stage[group] = {**asdict(self._dp_sync.round(samples)), "checksum": self._dp_sync.state.checksum()}
+        if pending is not None:
+            per_stage.update({stage: f.result() for stage, f in zip(self._handles, pending)})
+        report = {
+            "round": min(r["round"] for r in per_stage.values()),
+            "group_size": min(r["group_size"] for r in per_stage.values()),
+            "bytes_sent": sum(r["bytes_sent"] for r in per_stage.values()),
+            "bytes_received": sum(r["bytes_received"] for r in per_stage.values()),
+            "checksums": {stage: r["checksum"] for stage, r in per_stage.items()},
+        }
+        self.diloco_reports.append(report)
+        logger = self.lightning_module.logger if self.lightning_module is not None else None
+        if logger is not None:
+            metrics = {f"diloco/{k}": float(v) for k, v in report.items() if k != "checksums"}
+            logger.log_metrics(metrics, step=self._inner_steps)
+
+    @override
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
     ) -> Any:
@@ -219,6 +302,10 @@ class DistqatStrategy(Strategy):
                 lambda h: h.step(split.index, groups, **self._pending),
                 [self._handles[s] for s in split.stages],
             )
+        if self.diloco is not None and (split is None or split.index == 0):
+            self._inner_steps += 1
+            if self._inner_steps % self.diloco.inner_steps == 0:
+                self._outer_round()
         return result
 
     def clip_grad_norm(self, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -302,8 +389,15 @@ class DistqatStrategy(Strategy):
         module = self.lightning_module
         try:
             if pull_weights and self.swarm_active:
+                if self.diloco is not None:
+                    self._finish_diloco_on_experts()
                 self._bring_home()
         finally:
+            if self._dp_sync is not None:
+                if pull_weights:
+                    self._dp_sync.state.copy_to_local()  # the module ends holding the outer params
+                self._dp_sync.shutdown()
+                self._dp_sync = None
             if module is not None:
                 for name, original in self._originals.items():
                     _set_submodule(module, name, original)
@@ -322,6 +416,17 @@ class DistqatStrategy(Strategy):
             if self._client is not None:
                 self._client.shutdown()
                 self._client = None
+
+    def _finish_diloco_on_experts(self) -> None:
+        """Reset every expert's local params to its outer params, so the weights brought home are the outer ones."""
+
+        def finish(handle: ExpertHandle) -> None:
+            try:
+                handle.diloco("finish")
+            except ExpertError as e:
+                log.error("DistqatStrategy: stage '%s' could not reset to its outer params: %s", handle.stage, e)
+
+        self._each(finish)
 
     def _bring_home(self) -> None:
         """Load every stage's trained weights and optimizer state from its expert into the user's objects.

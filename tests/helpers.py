@@ -134,9 +134,11 @@ class ThreeStageNet(pl.LightningModule):
 
 
 def toy_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """A learnable toy task: 16 features, the label is the argmax of a fixed linear map (the same for every seed)."""
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
+    y = (x @ teacher).argmax(-1)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 

@@ -132,6 +132,9 @@ class StageBackend:
         if outputs and outputs[0].dim() > 0:
             self.samples_seen += outputs[0].shape[0]
 
+    def trainable_params(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
     @property
     def throughput(self) -> float:
         return self.samples_seen / self.busy_seconds if self.busy_seconds > 0 else 0.0

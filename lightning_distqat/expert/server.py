@@ -17,10 +17,11 @@ from hivemind.utils import get_dht_time
 from torch import nn
 
 from lightning_distqat.config import ExpertConfig
+from lightning_distqat.diloco import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend
 from lightning_distqat.expert.servicer import ExpertServicer
 from lightning_distqat.swarm.dht import die_with_parent, start_dht
-from lightning_distqat.swarm.records import ExpertRecord, stage_key
+from lightning_distqat.swarm.records import ExpertRecord, averaging_prefix, stage_key
 
 __all__ = ["ExpertServer", "run_embedded_expert"]
 
@@ -64,7 +65,11 @@ class ExpertServer:
         dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs)
         heartbeat: Optional[threading.Thread] = None
         try:
-            self.servicer = ExpertServicer(backend, dht.peer_id.to_base58())
+            prefix = averaging_prefix(cfg.experiment, cfg.stage)
+            self.servicer = ExpertServicer(
+                backend, dht.peer_id.to_base58(),
+                make_sync=lambda config: DiLoCoSync(backend.trainable_params(), config, dht=dht, prefix=prefix),
+            )
             heartbeat = threading.Thread(target=self._heartbeat, args=(dht,), name="distqat-heartbeat", daemon=True)
             asyncio.run(self._serve(dht, heartbeat))
         finally:
@@ -107,6 +112,7 @@ class ExpertServer:
             peer_id=self.servicer.peer_id,
             stage=self.config.stage,
             fingerprint=self.servicer.backend.fingerprint,
+            version=self.servicer.diloco.state.round if self.servicer.diloco is not None else 0,
             throughput=self.servicer.backend.throughput,
             lease_holder=self.servicer.lease_holder,
         )

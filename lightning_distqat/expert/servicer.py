@@ -7,12 +7,14 @@ import asyncio
 import logging
 import time
 import traceback
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
 
@@ -30,9 +32,13 @@ async def _parse(request: Request) -> tuple[dict, list]:
 class ExpertServicer(ServicerBase):
     """RPC handlers of one expert. Stage computations run one at a time on a single worker thread."""
 
-    def __init__(self, backend: StageBackend, peer_id: str = "") -> None:
+    def __init__(
+        self, backend: StageBackend, peer_id: str = "", *, make_sync: Optional[Callable[[DiLoCoConfig], DiLoCoSync]] = None
+    ) -> None:
         self.backend = backend
         self.peer_id = peer_id
+        self._make_sync = make_sync
+        self.diloco: Optional[DiLoCoSync] = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
         self._lease: tuple[Optional[str], float] = (None, 0.0)
         self.requests_served = 0
@@ -40,6 +46,9 @@ class ExpertServicer(ServicerBase):
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
+        if self.diloco is not None:
+            self.diloco.shutdown()
+            self.diloco = None
 
     @property
     def lease_holder(self) -> Optional[str]:
@@ -73,6 +82,8 @@ class ExpertServicer(ServicerBase):
         """
         try:
             header, tensors = await parsed
+            if header is None:
+                raise StageError("empty request")
             if leased:
                 self._check_lease(header)
             reply, out = await body(header, tensors)
@@ -142,6 +153,30 @@ class ExpertServicer(ServicerBase):
 
     async def rpc_grad_norm(self, request: Request, context: P2PContext) -> Response:
         return await self._unary("grad_norm", request, lambda h: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
+
+    async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
+        """DiLoCo control: ``{"op": "start", "config": {...}}`` joins the stage's averaging group (and loads the
+        current outer state from a peer); ``{"op": "round", "samples": n}`` runs one outer round;
+        ``{"op": "finish"}`` resets the local params to the outer params."""
+
+        def fn(header: dict) -> Any:
+            op = header.get("op")
+            if op == "start":
+                if self._make_sync is None:
+                    raise StageError("this expert cannot run DiLoCo (no DHT to average over)")
+                if self.diloco is None:
+                    self.diloco = self._make_sync(DiLoCoConfig(**header["config"])).start()
+                return {"round": self.diloco.state.round}
+            if self.diloco is None:
+                raise StageError(f"DiLoCo op {op!r} before 'start'")
+            if op == "round":
+                return {**asdict(self.diloco.round(float(header["samples"]))), "checksum": self.diloco.state.checksum()}
+            if op == "finish":
+                self.diloco.state.copy_to_local()
+                return {"round": self.diloco.state.round}
+            raise StageError(f"unknown DiLoCo op {op!r}")
+
+        return await self._unary("diloco", request, fn)
 
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
         return await self._unary("info", request, lambda h: self.info(), leased=False)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence, Type, TypeVar, Union
+from typing import Any, AsyncIterator, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -41,9 +41,10 @@ def pack(kind: Type[M], header: dict[str, Any], tensors: Sequence[torch.Tensor] 
     yield kind(metadata=header_bytes if first else b"", tensors=batch)
 
 
-def unpack(messages: Iterable[Message]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Inverse of :func:`pack`: the header and the tensors, in order."""
-    header: dict[str, Any] = {}
+def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
+    """Inverse of :func:`pack`: the header and the tensors, in order. The header is None if no message came (a
+    stream that the other side closed without answering)."""
+    header: Optional[dict[str, Any]] = None
     tensors: list[torch.Tensor] = []
     pending: list[runtime_pb2.Tensor] = []
     for i, message in enumerate(messages):
@@ -59,7 +60,7 @@ def unpack(messages: Iterable[Message]) -> tuple[dict[str, Any], list[torch.Tens
     return header, tensors
 
 
-async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
     """:func:`unpack` for an async stream of messages."""
     return unpack([message async for message in stream])
 

@@ -63,6 +63,9 @@ class ExpertHandle:
             raise
         except Exception as e:  # noqa: BLE001 - P2P errors come in many types; all mean the call did not go through
             raise self._fail(what, f"{type(e).__name__}: {e}", unavailable=True) from e
+        if header is None:
+            raise self._fail(what, "the expert closed the connection without answering; it may have died",
+                             unavailable=True)
         if "error" in header:
             raise self._fail(what, header["error"])
         return header, tensors
@@ -117,6 +120,10 @@ class ExpertHandle:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._stream("rpc_set_state", {}, [state_to_tensor(state)])
+
+    def diloco(self, op: str, timeout: Optional[float] = None, **fields: Any) -> dict[str, Any]:
+        """DiLoCo control on the expert (see ``ExpertServicer.rpc_diloco``)."""
+        return self._unary("rpc_diloco", {"op": op, **fields}, timeout)
 
     def info(self, timeout: Optional[float] = None) -> dict[str, Any]:
         return self._unary("rpc_info", {}, timeout)

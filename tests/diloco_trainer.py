@@ -1,0 +1,52 @@
+"""A trainer process for the DiLoCo tests: `python -m tests.diloco_trainer OUT RANK MAX_STEPS PEER [--stages]`.
+
+Prints "ROUND <n> <group size>" after every outer round and saves its reports and final parameters to OUT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_distqat import DiLoCoConfig, DistqatStrategy, SwarmConfig
+from tests.helpers import ThreeStageNet, toy_loader
+
+H = 3
+
+
+class _Announce(Callback):
+    def __init__(self) -> None:
+        self.seen = 0
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+        reports = trainer.strategy.diloco_reports
+        while self.seen < len(reports):
+            print(f"ROUND {reports[self.seen]['round']} {reports[self.seen]['group_size']}", flush=True)
+            self.seen += 1
+
+
+def main() -> None:
+    out, rank, max_steps, peer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    stages = ["stem", "body", "head"] if "--stages" in sys.argv else None
+    pl.seed_everything(0)  # same initial weights on every replica
+    model = ThreeStageNet(optimizer="adamw")
+    announce = _Announce()
+    strategy = DistqatStrategy(
+        stages=stages,
+        swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90),
+        diloco=DiLoCoConfig(inner_steps=H, matchmaking_time=2.0, averaging_timeout=20.0),
+    )
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[announce], strategy=strategy)
+    trainer.fit(model, toy_loader(n=256, seed=100 + rank))  # a different shard of data per replica
+    torch.save({"reports": strategy.diloco_reports, "losses": announce.losses, "state": model.state_dict()}, out)
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""DiLoCo end to end on loopback with real trainer processes: data-parallel replicas of a whole LightningModule,
+and 2 pipelines x 3 stages over standalone experts. Replicas agree after every round; loss goes down; a killed
+replica is left out and the others go on."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_distqat.swarm.dht import start_dht
+from tests.diloco_trainer import H
+
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _trainer(out: Path, rank: int, steps: int, peer: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.diloco_trainer", str(out), str(rank), str(steps), peer, *extra],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_line(process: subprocess.Popen, prefix: str, seconds: float) -> list[str]:
+    selector, seen = selectors.DefaultSelector(), []
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if selector.select(timeout=1.0):
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith(prefix):
+                return seen
+    raise AssertionError(f"no line {prefix!r} within {seconds}s:\n" + "".join(seen[-60:]))
+
+
+def _finish(process: subprocess.Popen, seconds: float) -> str:
+    try:
+        output, _ = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError("a trainer did not finish:\n" + output[-4000:])
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _assert_replicas_agree(a: dict, b: dict, rounds: int) -> None:
+    shared = min(len(a["reports"]), len(b["reports"]), rounds)
+    assert shared >= 1
+    for ra, rb in zip(a["reports"][:shared], b["reports"][:shared]):
+        assert ra["round"] == rb["round"] and ra["group_size"] == rb["group_size"] == 2, (ra, rb)
+        assert ra["bytes_sent"] > 0
+        for stage, checksum in ra["checksums"].items():
+            assert abs(checksum - rb["checksums"][stage]) <= 1e-6 * max(1.0, abs(checksum)), (stage, ra, rb)
+
+
+@pytest.fixture
+def bootstrap():
+    node = start_dht()
+    try:
+        yield str(node.get_visible_maddrs()[0])
+    finally:
+        node.shutdown()
+
+
+def test_data_parallel_diloco_two_trainers_and_a_killed_replica(tmp_path, bootstrap):
+    steps_a, rounds = 5 * H, 5
+    a = _trainer(tmp_path / "a.pt", 0, steps_a, bootstrap)
+    b = _trainer(tmp_path / "b.pt", 1, steps_a, bootstrap)
+    try:
+        _wait_for_line(b, "ROUND 2", 150)
+        b.send_signal(signal.SIGKILL)  # replica b dies after round 2; a must go on alone
+        b.wait(timeout=10)
+        _finish(a, 150)
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    result = torch.load(tmp_path / "a.pt", weights_only=False)
+    reports = result["reports"]
+    assert len(reports) == rounds and [r["round"] for r in reports] == list(range(1, rounds + 1))
+    assert [r["group_size"] for r in reports[:2]] == [2, 2], reports
+    assert reports[-1]["group_size"] == 1, "after b died, a's rounds go on without it"
+    losses = result["losses"]
+    assert sum(losses[-H:]) < sum(losses[:H]), "the training loss went down"
+
+
+def test_two_pipelines_three_stages(tmp_path, bootstrap):
+    experts = []
+    script = Path(sys.executable).with_name("distqat-expert")
+    for replica in range(2):
+        for stage in ("stem", "body", "head"):
+            experts.append(subprocess.Popen(
+                [str(script), "model._target_=tests.helpers.ThreeStageNet", "~model.arch", "~model.num_classes",
+                 "expert.experiment=dl-test", f"expert.stage={stage}", f"expert.initial_peers=[{bootstrap}]",
+                 f"hydra.run.dir={tmp_path}/{stage}-{replica}"],
+                cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+    trainers = []
+    try:
+        trainers = [_trainer(tmp_path / f"p{r}.pt", r, 3 * H, bootstrap, "--stages") for r in range(2)]
+        for t in trainers:
+            _finish(t, 170)
+    finally:
+        for p in trainers + experts:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in trainers + experts:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    a, b = (torch.load(tmp_path / f"p{r}.pt", weights_only=False) for r in range(2))
+    _assert_replicas_agree(a, b, rounds=3)
+    assert set(a["reports"][0]["checksums"]) == {"stem", "body", "head", "trainer-local"}
+    # when fit returns, both modules hold the outer params, which the replicas share
+    for key, value in a["state"].items():
+        assert torch.allclose(value, b["state"][key], rtol=1e-5, atol=1e-6), key
+    assert sum(a["losses"][-H:]) < sum(a["losses"][:H])
