@@ -117,9 +117,10 @@ def _lo_bytes() -> int:
 
 def _replica(rank: int, peers: list, H: int, steps: int, conn) -> None:  # noqa: ANN001
     os.environ["OMP_NUM_THREADS"] = "1"
+    mp.set_start_method("fork", force=True)  # hivemind's DHT and averager processes are built for fork
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
+    logging.disable(logging.INFO)
     from lightning_distqat.swarm.dht import start_dht
 
     dht = start_dht(peers or None)

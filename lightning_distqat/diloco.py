@@ -180,14 +180,23 @@ class DiLoCoSync:
     """Outer rounds for one replica of one stage (or of the whole model). ``start()`` joins the averaging group and
     loads the current outer state from a peer if one exists; ``round(samples)`` runs one round."""
 
-    def __init__(self, local: Sequence[torch.Tensor], config: DiLoCoConfig, *, dht: Any, prefix: str) -> None:
+    def __init__(
+        self, local: Sequence[torch.Tensor], config: DiLoCoConfig, *, dht: Any, prefix: str, solo: bool = False
+    ) -> None:
+        """``solo``: this replica is alone by construction (a swarm nobody else was told about): rounds apply its
+        own pseudo-gradient at once instead of waiting ``averaging_timeout`` for replicas that cannot come."""
         self.config = config
+        self.solo = solo
+        self._started = False
         self.state = OuterState(local, config)
         self._dht, self._prefix = dht, prefix
         self._averager: Optional[_Averager] = None
         self.reports: list[RoundReport] = []
 
     def start(self) -> "DiLoCoSync":
+        self._started = True
+        if self.solo:
+            return self
         self._averager = _Averager(
             lambda: self.state,
             averaged_tensors=[torch.zeros_like(o) for o in self.state.outer],
@@ -239,18 +248,19 @@ class DiLoCoSync:
         A replica left out of every group loads the outer state of a peer that took part if there is one (so it
         rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient.
         """
-        assert self._averager is not None, "DiLoCoSync.start() was not called"
+        assert self._started, "DiLoCoSync.start() was not called"
         pseudo = self.state.pseudo_gradients()
-        with self._averager.get_tensors() as tensors:
-            for t, g in zip(tensors, pseudo):
-                t.copy_(g)
-        try:
-            group = self._averager.step(
-                weight=max(float(samples), 1e-6), timeout=self.config.averaging_timeout, allow_retries=False
-            )
-        except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
-            log.warning("DiLoCo %s: round %d failed (%s)", self._prefix, self.state.round, e)
-            group = None
+        group = None
+        if self._averager is not None:  # a solo replica has nobody to average with
+            with self._averager.get_tensors() as tensors:
+                for t, g in zip(tensors, pseudo):
+                    t.copy_(g)
+            try:
+                group = self._averager.step(
+                    weight=max(float(samples), 1e-6), timeout=self.config.averaging_timeout, allow_retries=False
+                )
+            except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
+                log.warning("DiLoCo %s: round %d failed (%s)", self._prefix, self.state.round, e)
         nbytes = sum(g.numel() * g.element_size() for g in pseudo)
         if group:
             with self._averager.get_tensors() as tensors:
@@ -259,7 +269,7 @@ class DiLoCoSync:
             size = len(group)
             moved = int(2 * nbytes * (size - 1) / size)  # butterfly all-reduce: scatter parts, gather averages
             report = RoundReport(self.state.round, size, moved, moved)
-        elif self._load_from_peers():
+        elif self._averager is not None and self._load_from_peers():
             report = RoundReport(self.state.round, 0, 0, nbytes, loaded_from_peer=True)
         else:
             self.state.apply(pseudo)

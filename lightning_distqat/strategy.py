@@ -27,6 +27,7 @@ from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
 from lightning_distqat.swarm.records import averaging_prefix, stage_fingerprint
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
+from lightning_distqat.swarm.stages import resolve_stages, set_submodule
 
 __all__ = ["DistqatStrategy"]
 
@@ -172,11 +173,11 @@ class DistqatStrategy(Strategy):
         module = self.lightning_module
         assert module is not None
         if self.stages:
-            self._originals = _resolve_stages(module, self.stages)
+            self._originals = resolve_stages(module, self.stages)
             try:
                 self._start_swarm()
                 for name, handle in self._handles.items():
-                    _set_submodule(module, name, RemoteStage(name, handle))
+                    set_submodule(module, name, RemoteStage(name, handle))
             except BaseException:
                 self._stop_swarm(pull_weights=False)
                 raise
@@ -233,19 +234,23 @@ class DistqatStrategy(Strategy):
         if self.diloco is None or self._client is None:
             return
         assert self.lightning_module is not None
+        # a swarm that this trainer started and told nobody about has no other replicas to wait for
+        solo = not self.swarm_config.initial_peers and (self._embedded is None or self._embedded.replicas == 1)
         rounds = []
         if self.swarm_active:
             config = asdict(self.diloco)
-            rounds += self._each(lambda h: h.diloco("start", timeout=self._round_timeout(), config=config)["round"])
+            rounds += self._each(
+                lambda h: h.diloco("start", timeout=self._round_timeout(), config=config, solo=solo)["round"]
+            )
         local = [p for p in self.lightning_module.parameters() if p.requires_grad]
         if local:
             group = "trainer-local" if self.swarm_active else "model"
             prefix = averaging_prefix(self.swarm_config.experiment, group)
-            self._dp_sync = DiLoCoSync(local, self.diloco, dht=self._client.dht, prefix=prefix).start()
+            self._dp_sync = DiLoCoSync(local, self.diloco, dht=self._client.dht, prefix=prefix, solo=solo).start()
             rounds.append(self._dp_sync.state.round)
         rank_zero_info(
             f"DistqatStrategy: DiLoCo on, an outer round every {self.diloco.inner_steps} inner steps "
-            f"(starting at round {max(rounds, default=0)})"
+            f"(starting at round {max(rounds, default=0)}{'; alone in this swarm' if solo else ''})"
         )
 
     @override
@@ -400,7 +405,7 @@ class DistqatStrategy(Strategy):
                 self._dp_sync = None
             if module is not None:
                 for name, original in self._originals.items():
-                    _set_submodule(module, name, original)
+                    set_submodule(module, name, original)
             for split in self._splits.values():
                 split.restore()
             self._splits, self._handles = {}, {}
@@ -477,49 +482,12 @@ class DistqatStrategy(Strategy):
             return
         proxies = {name: module.get_submodule(name) for name in self._originals}
         for name, original in self._originals.items():
-            _set_submodule(module, name, original)
+            set_submodule(module, name, original)
         try:
             yield
         finally:
             for name, proxy in proxies.items():
-                _set_submodule(module, name, proxy)
-
-
-# ---------------------------------------------------------------------- module surgery
-def _resolve_stages(module: nn.Module, stages: Sequence[str]) -> dict[str, nn.Module]:
-    """Look up every stage path; raise a ValueError that names a bad path and lists the valid ones."""
-    available = [name for name, _ in module.named_modules() if name]
-    found: dict[str, nn.Module] = {}
-    for path in stages:
-        if path in found:
-            raise ValueError(f"DistqatStrategy: stage '{path}' is listed twice in stages={list(stages)}")
-        try:
-            found[path] = module.get_submodule(path)
-        except AttributeError:
-            shown = ", ".join(available[:40]) + (", ..." if len(available) > 40 else "")
-            raise ValueError(
-                f"DistqatStrategy: stage '{path}' is not a submodule of {type(module).__name__}; "
-                f"available: {shown}"
-            ) from None
-    for a in found:
-        for b in found:
-            if a != b and b.startswith(a + "."):
-                raise ValueError(f"DistqatStrategy: stage '{b}' lies inside stage '{a}'; stages must not overlap")
-    stage_params = {p: s for s, m in found.items() for p in m.parameters()}
-    for name, p in module.named_parameters():
-        owner = stage_params.get(p)
-        if owner is not None and not name.startswith(owner + "."):
-            raise ValueError(
-                f"DistqatStrategy: parameter '{name}' is shared with stage '{owner}' (tied weights); a stage's "
-                "parameters must belong to it alone"
-            )
-    return found
-
-
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, new)
+                set_submodule(module, name, proxy)
 
 
 _CLIP_CLASSES: dict[type, type] = {}

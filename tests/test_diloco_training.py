@@ -131,3 +131,18 @@ def test_two_pipelines_three_stages(tmp_path, bootstrap):
     for key, value in a["state"].items():
         assert torch.allclose(value, b["state"][key], rtol=1e-5, atol=1e-6), key
     assert sum(a["losses"][-H:]) < sum(a["losses"][:H])
+
+
+def test_embedded_swarm_single_pipeline_runs_diloco_without_waiting():
+    """One trainer, embedded experts (spawned processes), DiLoCo on: alone by construction, every round applies its
+    own pseudo-gradient at once instead of waiting for replicas that cannot come."""
+    from lightning_distqat import DiLoCoConfig, DistqatStrategy
+    from tests.helpers import ThreeStageNet, quiet_trainer, toy_loader
+
+    strategy = DistqatStrategy(stages=["stem", "body", "head"],
+                               diloco=DiLoCoConfig(inner_steps=2, averaging_timeout=60.0))
+    started = time.monotonic()
+    quiet_trainer(max_steps=6, strategy=strategy).fit(ThreeStageNet(), toy_loader())
+    assert [r["round"] for r in strategy.diloco_reports] == [1, 2, 3]
+    assert all(r["group_size"] == 1 for r in strategy.diloco_reports)
+    assert time.monotonic() - started < 60, "a lone replica waited for others"

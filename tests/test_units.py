@@ -98,3 +98,20 @@ def test_lbfgs_is_refused_with_a_reason():
     net = _Net()
     with pytest.raises(ValueError, match="LBFGS"):
         OptimizerSplit.create(torch.optim.LBFGS(net.parameters()), 0, {"a": net.a})
+
+
+def test_resolve_stages_refuses_tied_weights_and_duplicates():
+    from lightning_distqat.swarm.stages import resolve_stages
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.embed.weight
+
+    with pytest.raises(ValueError, match="tied weights"):
+        resolve_stages(Tied(), ["embed"])
+    with pytest.raises(ValueError, match="listed twice"):
+        resolve_stages(_Net(), ["a", "a"])
+    assert list(resolve_stages(_Net(), ["b", "a"])) == ["b", "a"]

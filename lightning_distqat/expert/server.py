@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -68,7 +69,9 @@ class ExpertServer:
             prefix = averaging_prefix(cfg.experiment, cfg.stage)
             self.servicer = ExpertServicer(
                 backend, dht.peer_id.to_base58(),
-                make_sync=lambda config: DiLoCoSync(backend.trainable_params(), config, dht=dht, prefix=prefix),
+                make_sync=lambda config, solo: DiLoCoSync(
+                    backend.trainable_params(), config, dht=dht, prefix=prefix, solo=solo
+                ),
             )
             heartbeat = threading.Thread(target=self._heartbeat, args=(dht,), name="distqat-heartbeat", daemon=True)
             asyncio.run(self._serve(dht, heartbeat))
@@ -142,6 +145,9 @@ def run_embedded_expert(config: ExpertConfig, module_blob: bytes, conn: Connecti
     The process leads its own process group (so its owner can end it with its DHT and p2pd children in one call) and
     receives SIGTERM when its owner dies, so it never outlives the trainer.
     """
+    # hivemind's background processes (DHT, averager) are built for fork, which a process started by multiprocessing's
+    # spawn would not use by default; make this process behave like a standalone `distqat-expert`.
+    multiprocessing.set_start_method("fork", force=True)
     parent = os.getppid()
     os.setpgid(0, 0)
     die_with_parent(signal.SIGTERM)

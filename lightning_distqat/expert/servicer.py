@@ -33,7 +33,7 @@ class ExpertServicer(ServicerBase):
     """RPC handlers of one expert. Stage computations run one at a time on a single worker thread."""
 
     def __init__(
-        self, backend: StageBackend, peer_id: str = "", *, make_sync: Optional[Callable[[DiLoCoConfig], DiLoCoSync]] = None
+        self, backend: StageBackend, peer_id: str = "", *, make_sync: Optional[Callable[[DiLoCoConfig, bool], DiLoCoSync]] = None
     ) -> None:
         self.backend = backend
         self.peer_id = peer_id
@@ -155,7 +155,7 @@ class ExpertServicer(ServicerBase):
         return await self._unary("grad_norm", request, lambda h: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
 
     async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
-        """DiLoCo control: ``{"op": "start", "config": {...}}`` joins the stage's averaging group (and loads the
+        """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and loads the
         current outer state from a peer); ``{"op": "round", "samples": n}`` runs one outer round;
         ``{"op": "finish"}`` resets the local params to the outer params."""
 
@@ -165,7 +165,8 @@ class ExpertServicer(ServicerBase):
                 if self._make_sync is None:
                     raise StageError("this expert cannot run DiLoCo (no DHT to average over)")
                 if self.diloco is None:
-                    self.diloco = self._make_sync(DiLoCoConfig(**header["config"])).start()
+                    solo = bool(header.get("solo", False))
+                    self.diloco = self._make_sync(DiLoCoConfig(**header["config"]), solo).start()
                 return {"round": self.diloco.state.round}
             if self.diloco is None:
                 raise StageError(f"DiLoCo op {op!r} before 'start'")
