@@ -117,7 +117,6 @@ def _lo_bytes() -> int:
 
 def _replica(rank: int, peers: list, H: int, steps: int, conn) -> None:  # noqa: ANN001
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.set_start_method("fork", force=True)  # hivemind's DHT and averager processes are built for fork
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.disable(logging.INFO)
@@ -149,7 +148,7 @@ def _replica(rank: int, peers: list, H: int, steps: int, conn) -> None:  # noqa:
 
 def communication(H: int, steps: int) -> tuple[float, float, int]:
     """Payload and loopback bytes per inner step for DiLoCo(H) with 2 replicas; rounds that had a full group."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # hivemind's DHT and averager processes are built for fork
     (a_parent, a_child), (b_parent, b_child) = ctx.Pipe(), ctx.Pipe()
     a = ctx.Process(target=_replica, args=(0, [], H, steps, a_child))
     a.start()

@@ -4,7 +4,7 @@ to call it."""
 from __future__ import annotations
 
 import atexit
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -13,7 +13,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
@@ -27,6 +30,7 @@ from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
 from lightning_distqat.swarm.records import averaging_prefix, stage_fingerprint
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
+from lightning_distqat.swarm.rendezvous import Rendezvous
 from lightning_distqat.swarm.stages import resolve_stages, set_submodule
 
 __all__ = ["DistqatStrategy"]
@@ -34,7 +38,7 @@ __all__ = ["DistqatStrategy"]
 log = logging.getLogger(__name__)
 
 
-class DistqatStrategy(Strategy):
+class DistqatStrategy(ParallelStrategy):
     """Train a LightningModule whose ``stages`` (dotted submodule paths) run on swarm experts.
 
     Args:
@@ -61,9 +65,16 @@ class DistqatStrategy(Strategy):
         swarm: Optional[SwarmConfig] = None,
         diloco: Optional[DiLoCoConfig] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
         precision_plugin: Optional[Precision] = None,
     ) -> None:
-        super().__init__(accelerator=accelerator, precision_plugin=precision_plugin)
+        super().__init__(
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            precision_plugin=precision_plugin,
+        )
+        self._num_nodes = 1
+        self._rendezvous: Optional[Rendezvous] = None
         if isinstance(stages, str):
             stages = [stages]
         self.stages = list(stages or [])
@@ -92,34 +103,49 @@ class DistqatStrategy(Strategy):
     def root_device(self) -> torch.device:
         from lightning.pytorch.accelerators import CUDAAccelerator
 
+        if self.parallel_devices:
+            return self.parallel_devices[self.local_rank]
         return torch.device("cuda", torch.cuda.current_device()) if isinstance(self.accelerator, CUDAAccelerator) \
             else torch.device("cpu")
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        if num_nodes != 1:
+            raise ValueError(
+                f"DistqatStrategy: num_nodes={num_nodes}; trainers on other machines join the swarm with "
+                "initial_peers instead of num_nodes"
+            )
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    @property
+    def is_distributed(self) -> bool:
+        """Several trainer processes (``devices=N``): Lightning then gives each its own shard of the data."""
+        return self.num_processes > 1
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.local_rank)
+            self.cluster_environment.set_world_size(self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def _configure_launcher(self) -> None:
+        env = self.cluster_environment
+        if self.num_processes > 1 and env is not None and not env.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, 1)
 
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
-
-    @property
-    @override
-    def is_global_zero(self) -> bool:
-        return True
-
-    @property
-    def global_rank(self) -> int:
-        return 0
-
-    @property
-    def local_rank(self) -> int:
-        return 0
-
-    @property
-    def node_rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
@@ -174,35 +200,51 @@ class DistqatStrategy(Strategy):
         assert module is not None
         if self.stages:
             self._originals = resolve_stages(module, self.stages)
+        if self.stages or self.diloco is not None:
             try:
-                self._start_swarm()
+                self._join_swarm()
                 for name, handle in self._handles.items():
                     set_submodule(module, name, RemoteStage(name, handle))
             except BaseException:
                 self._stop_swarm(pull_weights=False)
                 raise
-        elif self.diloco is not None:
-            self._client = SwarmClient(self.swarm_config).start()
         super().setup(trainer)
+
+    def _join_swarm(self) -> None:
+        """Start this trainer's DHT node (rank 0 of ``devices=N`` publishes it for the other ranks, which join it),
+        the embedded experts if there are stages and no ``initial_peers``, and claim a pipeline."""
+        if self.world_size > 1 and not self.swarm_config.initial_peers:
+            self._rendezvous = Rendezvous.for_launch(self.swarm_config.experiment)
+            if self.global_rank > 0:
+                peers = self._rendezvous.wait_peers(self.swarm_config.startup_timeout)
+                self.swarm_config = replace(self.swarm_config, initial_peers=peers)
+        self._client = SwarmClient(self.swarm_config).start()
+        if self._rendezvous is not None and self.global_rank == 0:
+            self._rendezvous.publish(self._client.visible_maddrs)
+        if self.stages:
+            self._start_swarm()
 
     def _start_swarm(self) -> None:
         cfg = self.swarm_config
-        self._client = SwarmClient(cfg).start()
+        assert self._client is not None
         if not cfg.initial_peers:
             expert_cfg = ExpertConfig(experiment=cfg.experiment, host_maddrs=cfg.host_maddrs, device=cfg.expert_device)
             self._embedded = EmbeddedSwarm(
-                self._originals, expert_config=expert_cfg, startup_timeout=cfg.startup_timeout
+                self._originals, expert_config=expert_cfg, replicas=self.world_size, startup_timeout=cfg.startup_timeout
             )
             atexit.register(self._embedded.shutdown)
             self._embedded.start(self._client.visible_maddrs)
-            rank_zero_info(f"DistqatStrategy: embedded swarm up, {len(self._originals)} experts serve {list(self._originals)}")
+            rank_zero_info(
+                f"DistqatStrategy: embedded swarm up, {len(self._originals) * self.world_size} experts serve "
+                f"{list(self._originals)}" + (f" ({self.world_size} per stage)" if self.world_size > 1 else "")
+            )
         fingerprints = {name: stage_fingerprint(m) for name, m in self._originals.items()}
         self._handles = self._client.claim_pipeline(fingerprints)
         rank_zero_info(
             "DistqatStrategy: pipeline " + " -> ".join(f"{s} @ …{h.peer_id[-8:]}" for s, h in self._handles.items())
         )
         self._pool = ThreadPoolExecutor(max(1, len(self._handles)), thread_name_prefix="distqat-fanout")
-        if cfg.initial_peers:  # a joined swarm's experts start with their own weights: seed them with ours
+        if cfg.initial_peers and self._rendezvous is None:  # a joined swarm's experts have their own weights
             self._each(lambda h: h.set_state({"module": self._originals[h.stage].state_dict()}))
 
     @override
@@ -235,7 +277,7 @@ class DistqatStrategy(Strategy):
             return
         assert self.lightning_module is not None
         # a swarm that this trainer started and told nobody about has no other replicas to wait for
-        solo = not self.swarm_config.initial_peers and (self._embedded is None or self._embedded.replicas == 1)
+        solo = not self.swarm_config.initial_peers and self.world_size == 1
         rounds = []
         if self.swarm_active:
             config = asdict(self.diloco)
@@ -414,6 +456,7 @@ class DistqatStrategy(Strategy):
                 self._pool = None
             if self._client is not None:
                 self._client.release_all()
+            self._leave_rendezvous()
             if self._embedded is not None:
                 self._embedded.shutdown()
                 atexit.unregister(self._embedded.shutdown)
@@ -421,6 +464,20 @@ class DistqatStrategy(Strategy):
             if self._client is not None:
                 self._client.shutdown()
                 self._client = None
+
+    def _leave_rendezvous(self) -> None:
+        """Other ranks say they are done; rank 0 waits for them before it stops the experts they use."""
+        if self._rendezvous is None:
+            return
+        if self.global_rank > 0:
+            self._rendezvous.mark_done(self.global_rank)
+        else:
+            timeout = self.swarm_config.startup_timeout + self.swarm_config.request_timeout
+            late = self._rendezvous.wait_done(range(1, self.world_size), timeout)
+            if late:
+                log.warning("DistqatStrategy: ranks %s did not finish within %.0fs; stopping the swarm", late, timeout)
+            self._rendezvous.cleanup()
+        self._rendezvous = None
 
     def _finish_diloco_on_experts(self) -> None:
         """Reset every expert's local params to its outer params, so the weights brought home are the outer ones."""

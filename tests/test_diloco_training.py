@@ -146,3 +146,22 @@ def test_embedded_swarm_single_pipeline_runs_diloco_without_waiting():
     assert [r["round"] for r in strategy.diloco_reports] == [1, 2, 3]
     assert all(r["group_size"] == 1 for r in strategy.diloco_reports)
     assert time.monotonic() - started < 60, "a lone replica waited for others"
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "data"])
+def test_trainer_devices_2_runs_two_replicas(tmp_path, mode):
+    """`Trainer(accelerator="cpu", devices=2, strategy=DistqatStrategy(..., diloco=...))`: Lightning's launcher starts
+    2 trainer processes; with stages the embedded swarm has 2 experts per stage and each rank holds a pipeline."""
+    process = subprocess.Popen(
+        [sys.executable, "tests/multi_trainer.py", str(tmp_path), mode],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = _finish(process, 170)
+    if mode == "pipeline":
+        assert "6 experts serve ['stem', 'body', 'head'] (2 per stage)" in output, output[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    _assert_replicas_agree(*ranks, rounds=3)
+    assert len(ranks[0]["reports"]) == 3
+    for key, value in ranks[0]["state"].items():
+        assert torch.allclose(value, ranks[1]["state"][key], rtol=1e-5, atol=1e-6), key
+    assert ranks[0]["losses"] != ranks[1]["losses"], "each rank trains on its own shard of the data"
