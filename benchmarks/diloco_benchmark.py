@@ -83,10 +83,11 @@ def train_sync_dp(base: nn.Module, shards: list, steps: int) -> nn.Module:
     return model
 
 
-def train_diloco(base: nn.Module, shards: list, steps: int, H: int) -> nn.Module:
+def train_diloco(base: nn.Module, shards: list, steps: int, H: int, outer_momentum: float) -> nn.Module:
     replicas = [copy.deepcopy(base) for _ in shards]
     opts = [inner_opt(m) for m in replicas]
-    states = [OuterState(list(m.parameters()), DiLoCoConfig(inner_steps=H)) for m in replicas]
+    config = DiLoCoConfig(inner_steps=H, outer_momentum=outer_momentum)
+    states = [OuterState(list(m.parameters()), config) for m in replicas]
     for t in range(steps):
         for model, opt, shard in zip(replicas, opts, shards):
             opt.zero_grad()
@@ -171,7 +172,9 @@ def communication(H: int, steps: int) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="inner steps per replica for the quality runs")
-    parser.add_argument("--comm-steps", type=int, default=40, help="inner steps per replica for the bytes runs")
+    parser.add_argument("--comm-steps", type=int, default=30, help="inner steps per replica for the bytes runs")
+    parser.add_argument("--outer-momentum", type=float, nargs="+", default=[0.9, 0.5],
+                        help="outer momentum values to compare (0.9 is DiLoCoConfig's default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -202,15 +205,16 @@ def main() -> None:
     sync_loss = eval_loss(train_sync_dp(base, shards, args.steps), held_out)
     print(f"  synchronous data parallel: {sync_loss:.4f}", flush=True)
     results = []
-    for H in (1, 10, 50):
-        loss = eval_loss(train_diloco(base, shards, args.steps, H), held_out)
-        results.append((H, loss))
-        print(f"  DiLoCo H={H}: {loss:.4f}", flush=True)
+    for momentum in args.outer_momentum:
+        for H in (1, 10, 50):
+            loss = eval_loss(train_diloco(base, shards, args.steps, H, momentum), held_out)
+            results.append((H, momentum, loss))
+            print(f"  DiLoCo H={H}, outer momentum {momentum}: {loss:.4f}", flush=True)
     print("\n| method | held-out loss | ratio to synchronous DP |")
     print("|---|---:|---:|")
     print(f"| synchronous DP | {sync_loss:.4f} | 1.000 |")
-    for H, loss in results:
-        print(f"| DiLoCo H={H} | {loss:.4f} | {loss / sync_loss:.3f} |")
+    for H, momentum, loss in results:
+        print(f"| DiLoCo H={H} (Nesterov, lr 0.7, momentum {momentum}) | {loss:.4f} | {loss / sync_loss:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ to call it."""
 from __future__ import annotations
 
 import atexit
-from dataclasses import asdict, replace
+from dataclasses import replace
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,13 +24,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_distqat.config import ExpertConfig, SwarmConfig
-from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
+from lightning_distqat.diloco import DiLoCoConfig
 from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
-from lightning_distqat.swarm.records import averaging_prefix, stage_fingerprint
+from lightning_distqat.swarm.records import stage_fingerprint
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
 from lightning_distqat.swarm.rendezvous import Rendezvous
+from lightning_distqat.swarm.rounds import TrainerRounds
 from lightning_distqat.swarm.stages import resolve_stages, set_submodule
 
 __all__ = ["DistqatStrategy"]
@@ -91,9 +92,7 @@ class DistqatStrategy(ParallelStrategy):
         self._pending: dict[str, Any] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         self.diloco = diloco
-        self._dp_sync: Optional[DiLoCoSync] = None
-        self._inner_steps = 0
-        self._samples_since_round = 0.0
+        self._rounds: Optional[TrainerRounds] = None
         self.diloco_reports: list[dict[str, Any]] = []
         """One entry per outer round: round, group size, bytes sent/received, outer-param checksum per stage."""
 
@@ -278,63 +277,26 @@ class DistqatStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         # a swarm that this trainer started and told nobody about has no other replicas to wait for
         solo = not self.swarm_config.initial_peers and self.world_size == 1
-        rounds = []
-        if self.swarm_active:
-            config = asdict(self.diloco)
-            rounds += self._each(
-                lambda h: h.diloco("start", timeout=self._round_timeout(), config=config, solo=solo)["round"]
-            )
-        local = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        if local:
-            group = "trainer-local" if self.swarm_active else "model"
-            prefix = averaging_prefix(self.swarm_config.experiment, group)
-            self._dp_sync = DiLoCoSync(local, self.diloco, dht=self._client.dht, prefix=prefix, solo=solo).start()
-            rounds.append(self._dp_sync.state.round)
+        self._rounds = TrainerRounds(
+            self.diloco, handles=dict(self._handles), dht=self._client.dht, experiment=self.swarm_config.experiment,
+            local_params=[p for p in self.lightning_module.parameters() if p.requires_grad],
+            solo=solo, pool=self._pool, request_timeout=self.swarm_config.request_timeout,
+        )
+        self.diloco_reports = self._rounds.reports
+        start = self._rounds.start()
         rank_zero_info(
             f"DistqatStrategy: DiLoCo on, an outer round every {self.diloco.inner_steps} inner steps "
-            f"(starting at round {max(rounds, default=0)}{'; alone in this swarm' if solo else ''})"
+            f"(starting at round {start}{'; alone in this swarm' if solo else ''})"
         )
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.diloco is not None and args:
+        if self._rounds is not None and args:
             try:
-                self._samples_since_round += extract_batch_size(args[0])
+                self._rounds.samples_since_round += extract_batch_size(args[0])
             except Exception:  # noqa: BLE001 - a batch without a size counts as one sample
-                self._samples_since_round += 1
+                self._rounds.samples_since_round += 1
         return super().training_step(*args, **kwargs)
-
-    def _round_timeout(self) -> float:
-        assert self.diloco is not None
-        return self.diloco.averaging_timeout + self.swarm_config.request_timeout
-
-    def _outer_round(self) -> None:
-        """One DiLoCo round on every stage of the pipeline (concurrently, so they sync at the same inner step) or on
-        the whole model."""
-        samples, self._samples_since_round = self._samples_since_round, 0.0
-        pending = None
-        if self.swarm_active:
-            assert self._pool is not None
-            pending = [self._pool.submit(h.diloco, "round", self._round_timeout(), samples=samples)
-                       for h in self._handles.values()]
-        per_stage: dict[str, dict[str, Any]] = {}
-        if self._dp_sync is not None:  # this trainer's own parameters, while the experts run their rounds
-            group = "trainer-local" if self.swarm_active else "model"
-            per_stage[group] = {**asdict(self._dp_sync.round(samples)), "checksum": self._dp_sync.state.checksum()}
-        if pending is not None:
-            per_stage.update({stage: f.result() for stage, f in zip(self._handles, pending)})
-        report = {
-            "round": min(r["round"] for r in per_stage.values()),
-            "group_size": min(r["group_size"] for r in per_stage.values()),
-            "bytes_sent": sum(r["bytes_sent"] for r in per_stage.values()),
-            "bytes_received": sum(r["bytes_received"] for r in per_stage.values()),
-            "checksums": {stage: r["checksum"] for stage, r in per_stage.items()},
-        }
-        self.diloco_reports.append(report)
-        logger = self.lightning_module.logger if self.lightning_module is not None else None
-        if logger is not None:
-            metrics = {f"diloco/{k}": float(v) for k, v in report.items() if k != "checksums"}
-            logger.log_metrics(metrics, step=self._inner_steps)
 
     @override
     def optimizer_step(
@@ -349,10 +311,12 @@ class DistqatStrategy(ParallelStrategy):
                 lambda h: h.step(split.index, groups, **self._pending),
                 [self._handles[s] for s in split.stages],
             )
-        if self.diloco is not None and (split is None or split.index == 0):
-            self._inner_steps += 1
-            if self._inner_steps % self.diloco.inner_steps == 0:
-                self._outer_round()
+        if self._rounds is not None and (split is None or split.index == 0):
+            report = self._rounds.inner_step_done()
+            logger = self.lightning_module.logger if self.lightning_module is not None else None
+            if report is not None and logger is not None:
+                metrics = {f"diloco/{k}": float(v) for k, v in report.items() if k != "checksums"}
+                logger.log_metrics(metrics, step=self._rounds.inner_steps)
         return result
 
     def clip_grad_norm(self, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -435,16 +399,14 @@ class DistqatStrategy(ParallelStrategy):
         """Bring trained weights home, put the original submodules back, then stop the swarm (reverse of start)."""
         module = self.lightning_module
         try:
+            if self._rounds is not None:
+                self._rounds.finish(keep_outer=pull_weights)  # the module ends holding the outer params
             if pull_weights and self.swarm_active:
-                if self.diloco is not None:
-                    self._finish_diloco_on_experts()
                 self._bring_home()
         finally:
-            if self._dp_sync is not None:
-                if pull_weights:
-                    self._dp_sync.state.copy_to_local()  # the module ends holding the outer params
-                self._dp_sync.shutdown()
-                self._dp_sync = None
+            if self._rounds is not None:
+                self._rounds.finish(keep_outer=False)  # idempotent: stops averaging if the above failed
+                self._rounds = None
             if module is not None:
                 for name, original in self._originals.items():
                     set_submodule(module, name, original)
@@ -478,17 +440,6 @@ class DistqatStrategy(ParallelStrategy):
                 log.warning("DistqatStrategy: ranks %s did not finish within %.0fs; stopping the swarm", late, timeout)
             self._rendezvous.cleanup()
         self._rendezvous = None
-
-    def _finish_diloco_on_experts(self) -> None:
-        """Reset every expert's local params to its outer params, so the weights brought home are the outer ones."""
-
-        def finish(handle: ExpertHandle) -> None:
-            try:
-                handle.diloco("finish")
-            except ExpertError as e:
-                log.error("DistqatStrategy: stage '%s' could not reset to its outer params: %s", handle.stage, e)
-
-        self._each(finish)
 
     def _bring_home(self) -> None:
         """Load every stage's trained weights and optimizer state from its expert into the user's objects.
