@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from lightning_distqat.swarm.dht import die_with_parent
+from lightning_distqat.swarm.dht import die_with_parent, exit_with_parent
 from lightning_distqat.swarm.messages import state_to_tensor, tensor_to_state
 
 __all__ = ["DiLoCoConfig", "OuterState", "DiLoCoSync", "RoundReport"]
@@ -156,6 +156,7 @@ class _Averager(DecentralizedAverager):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the host, which shuts this process down
         if os.getppid() != self._host_pid:
             return
+        exit_with_parent(self._host_pid)
         super().run()
 
     def start_here(self, timeout: float) -> None:

@@ -51,9 +51,10 @@ def no_leaks():
             t for t in threading.enumerate()
             if t.ident not in threads_before and t.is_alive() and not t.name.startswith(("pydevd", "asyncio_"))
         ]
-        # torch_<pid>_* segments are torch's own (hivemind's MPFuture pool allocates them in every process that makes
-        # a future, forked helpers included); torch_shm_manager frees them when their process tree ends, which
-        # test_shutdown checks for a whole trainer. Everything else under /dev/shm is checked here, per test.
+        # torch_<pid>_* segments are torch's (hivemind's MPFuture pool allocates them in every process that makes a
+        # future). torch_shm_manager unlinks them when their process tree ends; those of processes forked from this
+        # one (in-process DHT nodes and averagers) only when pytest exits. test_shutdown and the DiLoCo fault test
+        # check whole trainer process trees for them; everything else under /dev/shm is checked here, per test.
         shm = {e for e in shm_entries() - shm_before if not e.startswith("torch_")}
         if not (children or daemons or threads or shm) or time.monotonic() > deadline:
             break

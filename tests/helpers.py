@@ -77,6 +77,25 @@ def describe(pids: set[int]) -> list[str]:
     return out
 
 
+def wait_gone(pids: set[int], seconds: float) -> set[int]:
+    """Poll until none of ``pids`` is a live process, at most ``seconds``; returns those still alive."""
+    import threading
+    import time
+
+    deadline, poll = time.monotonic() + seconds, threading.Event()
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)}
+        poll.wait(0.2)
+    return alive
+
+
+def torch_segments_of(pids: set[int]) -> list[str]:
+    """/dev/shm segments that torch created for any of ``pids``."""
+    return [e for e in shm_entries() if e.startswith("torch_") and e.split("_")[1].isdigit()
+            and int(e.split("_")[1]) in pids]
+
+
 def kill_pids(pids: set[int]) -> None:
     for pid in pids:
         try:

@@ -17,6 +17,7 @@ import torch
 
 from lightning_distqat.swarm.dht import start_dht
 from tests.diloco_trainer import H
+from tests.helpers import children_of, kill_pids, torch_segments_of, wait_gone
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +82,22 @@ def test_data_parallel_diloco_two_trainers_and_a_killed_replica(tmp_path, bootst
     b = _trainer(tmp_path / "b.pt", 1, steps_a, bootstrap)
     try:
         _wait_for_line(b, "ROUND 2", 150)
+        family = children_of(b.pid)  # its DHT process, p2pd and averaging process
         b.send_signal(signal.SIGKILL)  # replica b dies after round 2; a must go on alone
         b.wait(timeout=10)
+        left = wait_gone(family, 30)
+        kill_pids(left)
+        assert not left, f"processes outlived the killed replica: {sorted(left)}"
+        family_a = children_of(a.pid) | {a.pid}
         _finish(a, 150)
+        assert not wait_gone(family_a, 30), "processes outlived the finished replica"
     finally:
         for p in (a, b):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    leaked = torch_segments_of(family | family_a | {b.pid})
+    assert not leaked, f"shared-memory segments outlived both replicas: {leaked}"
     result = torch.load(tmp_path / "a.pt", weights_only=False)
     reports = result["reports"]
     assert len(reports) == rounds and [r["round"] for r in reports] == list(range(1, rounds + 1))

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import _is_zombie, children_of
+from tests.helpers import children_of, torch_segments_of, wait_gone
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,33 +65,20 @@ def _start_training(tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
     return process, family
 
 
-def _wait_gone(pids: set[int], seconds: float) -> set[int]:
-    deadline, poll = time.monotonic() + seconds, threading.Event()
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)}
-        poll.wait(0.2)
-    return alive
-
-
-def _torch_segments_of(pids: set[int]) -> list[str]:
-    return [e for e in os.listdir("/dev/shm") if e.startswith("torch_") and int(e.split("_")[1]) in pids]
-
-
 def test_ctrl_c_stops_the_whole_swarm(tmp_path):
     process, family = _start_training(tmp_path)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert "KeyboardInterrupt" in output or "graceful shutdown" in output, output[-3000:]
-    assert not _wait_gone(family, 20), "processes outlived Ctrl+C"
-    assert not _torch_segments_of(family | {process.pid}), "shared-memory segments outlived the run"
+    assert not wait_gone(family, 20), "processes outlived Ctrl+C"
+    assert not torch_segments_of(family | {process.pid}), "shared-memory segments outlived the run"
 
 
 def test_killed_trainer_takes_its_swarm_along(tmp_path):
     process, family = _start_training(tmp_path)
     process.kill()
     process.wait(timeout=10)
-    left = _wait_gone(family, 30)
+    left = wait_gone(family, 30)
     for pid in left:  # ours; ended so that later tests start clean
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes outlived their trainer: {sorted(left)}"

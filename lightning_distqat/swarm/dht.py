@@ -15,7 +15,8 @@ from typing import Any, Coroutine, Optional, Sequence, TypeVar
 
 import hivemind
 
-__all__ = ["start_dht", "AsyncRunner", "die_with_parent", "terminate_children"]
+__all__ = ["start_dht", "AsyncRunner", "die_with_parent", "terminate_children", "kill_process_group", "is_shm_manager",
+           "exit_with_parent"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,8 +33,19 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
+def is_shm_manager(pid: int) -> bool:
+    """Whether ``pid`` is a torch_shm_manager. hivemind shares memory with torch's file_system strategy, whose manager
+    unlinks a process tree's /dev/shm segments once its clients are gone; killing it leaks them, so it is spared."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "torch_shm_manager"
+    except OSError:
+        return False
+
+
 def terminate_children(sig: int = signal.SIGTERM) -> None:
-    """Send ``sig`` to every direct child of this process (read from /proc; no-op where /proc is missing)."""
+    """Send ``sig`` to every direct child of this process except torch_shm_manager (read from /proc; no-op where
+    /proc is missing)."""
     pids: set[int] = set()
     try:
         for tid in os.listdir(f"/proc/{os.getpid()}/task"):
@@ -42,10 +54,50 @@ def terminate_children(sig: int = signal.SIGTERM) -> None:
     except OSError:
         return
     for pid in pids:
+        if is_shm_manager(pid):
+            continue
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def exit_with_parent(parent_pid: int, period: float = 0.5) -> None:
+    """Start a daemon thread that ends this process (after sending SIGTERM to its children, p2pd among them) as soon
+    as ``parent_pid`` is no longer its parent.
+
+    A parent-death signal alone is not enough for hivemind's background processes: its Python handler runs only when
+    the main thread executes bytecode, and their main thread can stay blocked in C (uvloop, a pipe) for good.
+    """
+
+    def _watch() -> None:
+        while not stop.wait(period):
+            if os.getppid() != parent_pid:
+                terminate_children(signal.SIGTERM)
+                os._exit(0)
+
+    stop = threading.Event()
+    threading.Thread(target=_watch, name="distqat-orphan-watchdog", daemon=True).start()
+
+
+def kill_process_group(pgid: Optional[int]) -> None:
+    """SIGKILL every process of group ``pgid`` except torch_shm_manager (it exits by itself once its clients are gone,
+    unlinking their shared memory)."""
+    if pgid is None:
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                group = int(f.read().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        if group == pgid and not is_shm_manager(int(entry)):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class _OwnedDHT(hivemind.DHT):
@@ -62,6 +114,7 @@ class _OwnedDHT(hivemind.DHT):
         signal.signal(signal.SIGTERM, _on_term)
         if os.getppid() != self._parent_pid:  # the owner died before we installed the handler
             _on_term(signal.SIGTERM, None)
+        exit_with_parent(self._parent_pid)
         super().run()
 
 

@@ -11,13 +11,14 @@ import signal
 import time
 from dataclasses import replace
 from multiprocessing.connection import wait
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.expert.server import run_embedded_expert
+from lightning_distqat.swarm.dht import kill_process_group
 
 __all__ = ["EmbeddedSwarm"]
 
@@ -123,16 +124,8 @@ class EmbeddedSwarm:
             if process.is_alive():
                 log.warning("expert %s did not stop within %.0fs; killing it", process.name, self.shutdown_timeout)
                 process.kill()
-            _kill_group(process.pid)  # the expert's DHT process and p2pd live in its group
+            kill_process_group(process.pid)  # the expert's DHT process and p2pd live in its group
             process.join(5)
         self.processes = []
         self.experts = []
 
-
-def _kill_group(pgid: Optional[int]) -> None:
-    if pgid is None:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
