@@ -107,9 +107,6 @@ class EmbeddedSwarm:
                 self.experts.append({"stage": name, **payload})
                 del waiting[conn]
 
-    def alive(self) -> list[bool]:
-        return [p.is_alive() for p in self.processes]
-
     def shutdown(self) -> None:
         """Stop every expert: SIGTERM, wait up to ``shutdown_timeout``, then kill what is left of its process group."""
         for process in self.processes:

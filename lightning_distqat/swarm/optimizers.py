@@ -89,9 +89,6 @@ class OptimizerSplit:
         for group, params in zip(self.optimizer.param_groups, self.groups):
             group["params"] = list(params)
 
-    def local_params(self) -> list[nn.Parameter]:
-        return [p for params in self.groups for p in params if p not in self.owner]
-
     # ------------------------------------------------------------------ state in the user's layout
     def merge_state(self, expert_states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The optimizer state dict as the unsplit user optimizer would produce it.
