@@ -1,7 +1,8 @@
 """The main job (`make run`): ResNet-18 (torchvision, random init) learns real handwritten digits while its four
 residual layers run on four experts of an embedded hivemind swarm on this machine.
 
-The LightningModule is ordinary Lightning code; the only distqat line is the strategy.
+The LightningModule is ordinary Lightning code; the only distqat line is the strategy. Batches come from the
+shared-memory data server (started here as a child process: it loads, shuffles and transforms the digits once).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import logging
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader
 
-from lightning_distqat import DistqatStrategy
+from lightning_distqat import DataConfig, DistqatStrategy, SharedMemoryDataModule
 from lightning_distqat.callbacks import TrainingSummary
-from lightning_distqat.data.datasets import digits_images
 from lightning_distqat.models import ResNetClassifier
 
 
@@ -29,10 +28,10 @@ def main() -> None:
     logging.getLogger("lightning_distqat").setLevel(logging.INFO)
 
     pl.seed_everything(0)
-    train, val = digits_images(image_size=32)
-    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    val_loader = DataLoader(val, batch_size=256)
-    model = ResNetClassifier("resnet18", num_classes=10, lr=0.05, max_steps=args.epochs * len(train_loader))
+    data = SharedMemoryDataModule(DataConfig(source="sklearn-digits", task="image_classification", image_size=32,
+                                             val_fraction=0.15, batch_size=args.batch_size, drop_last=True, seed=0))
+    steps_per_epoch = int(1797 * 0.85) // args.batch_size  # scikit-learn's digits: 1797 scans, 15% held out
+    model = ResNetClassifier("resnet18", num_classes=10, lr=0.05, max_steps=args.epochs * steps_per_epoch)
     summary = TrainingSummary()
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -44,7 +43,7 @@ def main() -> None:
         log_every_n_steps=5,
         enable_checkpointing=False,
     )
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, datamodule=data)
     s = summary.summary
     if s.get("first_loss") is not None and s.get("final_loss") is not None and s["final_loss"] >= s["first_loss"]:
         raise SystemExit(f"training loss did not go down ({s['first_loss']:.4f} -> {s['final_loss']:.4f})")

@@ -11,7 +11,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
-from lightning_distqat.config import ExpertConfig, SwarmConfig  # noqa: E402
+from lightning_distqat.config import DataConfig, ExpertConfig, SwarmConfig  # noqa: E402
+from lightning_distqat.data import DataServer, DataServerError, DataSourceError, SharedMemoryDataModule  # noqa: E402
 from lightning_distqat.diloco import DiLoCoConfig  # noqa: E402
 from lightning_distqat.strategy import DistqatStrategy  # noqa: E402
 from lightning_distqat.swarm.pipeline import PipelineUnavailableError  # noqa: E402
@@ -22,6 +23,11 @@ __all__ = [
     "DiLoCoConfig",
     "SwarmConfig",
     "ExpertConfig",
+    "DataConfig",
+    "SharedMemoryDataModule",
+    "DataServer",
+    "DataServerError",
+    "DataSourceError",
     "ExpertError",
     "ExpertUnavailableError",
     "PipelineUnavailableError",

@@ -34,8 +34,7 @@ class TrainingSummary(Callback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        first = batch[0] if isinstance(batch, (list, tuple)) else batch
-        self._samples += len(first)
+        self._samples += _batch_size(batch)
         if self._first_loss is None and self.loss_key in trainer.callback_metrics:
             self._first_loss = float(trainer.callback_metrics[self.loss_key])
 
@@ -59,3 +58,10 @@ class TrainingSummary(Callback):
             f"\nSummary: {s['steps']} steps, {s['samples']} samples in {seconds:.1f}s "
             f"({s['samples_per_second']:.1f} samples/s); {self.loss_key} {loss}; logs in {s['log_dir']}"
         )
+
+
+def _batch_size(batch: Any) -> int:
+    """Rows in a batch: the length of its first tensor (tuples, lists and dicts of tensors alike)."""
+    while isinstance(batch, (list, tuple, dict)) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(batch) if hasattr(batch, "__len__") else 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["SwarmConfig", "ExpertConfig"]
+__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig"]
 
 
 @dataclass(kw_only=True)
@@ -69,3 +69,87 @@ class ExpertConfig:
 
     max_pending_backward: int = 64
     """Forward contexts kept for backward; older ones are dropped (their backward then fails with a clear error)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The shared-memory data server: what it loads, how it orders and transforms it, and where it listens."""
+
+    source: str = "sklearn-digits"
+    """A Hugging Face dataset name (``"user/name"``, needs the network) or a local path: a folder written by
+    ``Dataset.save_to_disk``, an image folder (one subfolder per class), or a .parquet/.arrow/.json/.jsonl/.csv/.txt
+    file or a folder of them. ``"sklearn-digits"`` is scikit-learn's bundled handwritten digits (works offline)."""
+
+    subset: Optional[str] = None
+    """Configuration name of a hub dataset (the second argument of ``datasets.load_dataset``)."""
+
+    split: str = "train"
+    """Split to train on."""
+
+    val_split: Optional[str] = None
+    """Split served for validation (whole, in order, to every trainer). ``None``: see ``val_fraction``."""
+
+    val_fraction: float = 0.0
+    """When ``val_split`` is None and this is > 0, this share of ``split`` is held out (seeded) for validation."""
+
+    task: str = "image_classification"
+    """How rows become batches: ``image_classification``, ``causal_lm`` or ``speech``."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    text_column: str = "text"
+    audio_column: str = "audio"
+
+    image_size: int = 32
+    """Images are resized to ``image_size`` x ``image_size``."""
+
+    channels: int = 3
+    """Images are converted to 3 (RGB) or 1 (grayscale) channels."""
+
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    """Per-channel normalisation (one value applies to every channel)."""
+
+    tokenizer: str = "bytes"
+    """``"bytes"`` (UTF-8 bytes, vocabulary 257 with padding id 256) or a ``transformers`` tokenizer name or path."""
+
+    seq_len: int = 128
+    """Causal LM: token sequences are truncated and padded to this length."""
+
+    sampling_rate: int = 16000
+    """Speech: expected sampling rate of the audio column (other rates are an error)."""
+
+    max_audio_seconds: float = 10.0
+    """Speech: longer clips are cut to this length."""
+
+    batch_size: int = 32
+    """Samples per batch handed to one trainer."""
+
+    drop_last: bool = False
+    """Drop the last, smaller batch of each epoch (then those samples are skipped that epoch)."""
+
+    seed: int = 0
+    """Seed of the per-epoch order: the same seed gives every trainer the same batches in the same order."""
+
+    shuffle_buffer: int = 10_000
+    """Size of the shuffle buffer: a sample moves at most this many places earlier than its position on disk.
+    0 keeps the stored order."""
+
+    num_trainers: int = 1
+    """Trainers sharing one epoch: batch ``j`` goes to trainer ``j % num_trainers``, each exactly once."""
+
+    prefetch: int = 4
+    """Batches prepared ahead for each trainer."""
+
+    address: Optional[str] = None
+    """Unix socket the server listens on. ``None``: ``<tmpdir>/distqat-data-<name>.sock``."""
+
+    name: str = "default"
+    """Name of the server on this machine (part of the default address)."""
+
+    startup_timeout: float = 300.0
+    """Seconds an embedded server may take to load the dataset and start listening."""
+
+    request_timeout: float = 120.0
+    """Seconds a trainer waits for one batch before it raises :class:`DataServerError`; raise it for slow
+    transforms or very large batches."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+
+# Tests never reach the Hugging Face Hub: hub names fail at once instead of after network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import threading
 import time
 
@@ -22,6 +25,10 @@ def process_singletons():
     resource-sharer thread), and multiprocessing's resource tracker (started by the first spawned process). Create
     them before the first leak baseline, so that the leak check sees only what a test itself left behind."""
     from multiprocessing import resource_tracker
+
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread (a process singleton) from datasets' progress bars
 
     from lightning_distqat.swarm.dht import start_dht
 

@@ -28,7 +28,7 @@ class ResNetClassifier(pl.LightningModule):
         return self.net(x)
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True)

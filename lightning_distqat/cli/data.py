@@ -1,0 +1,46 @@
+"""``distqat-data``: the shared-memory data server of one machine (a Hydra app over ``conf/data_server.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+__all__ = ["serve", "main"]
+
+
+def serve(cfg: DictConfig) -> None:
+    """Serve ``cfg.data`` (a :class:`~lightning_distqat.config.DataConfig`) until SIGINT/SIGTERM."""
+    import torch
+
+    from lightning_distqat.config import DataConfig
+    from lightning_distqat.data.server import DataServer
+
+    data: DataConfig = instantiate(cfg.data, _convert_="all")
+    torch.set_num_threads(max(1, int(cfg.get("torch_threads", 1))))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = DataServer(data)
+    try:
+        server.start()
+        print(f"distqat-data: serving '{data.source}' to {data.num_trainers} trainer(s) at {server.address} "
+              f"(Ctrl+C stops)", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="data_server")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("lightning_distqat").setLevel(logging.INFO)
+    serve(cfg)
+
+
+if __name__ == "__main__":
+    main()

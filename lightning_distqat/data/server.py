@@ -1,0 +1,356 @@
+"""The shared-memory data server (``distqat-data``): loads a dataset once per machine and hands ready batches to the
+trainers of that machine.
+
+Trainers talk to it over a Unix socket (small pickled messages); batches travel through shared memory (see
+:mod:`lightning_distqat.data.shm`). Per trainer connection one producer thread prepares the next ``prefetch``
+batches of that trainer's share while the trainer trains.
+
+Exactly once per epoch: the epoch's order is a function of (seed, epoch) and batch ``j`` belongs to trainer
+``j % num_trainers``. A trainer acknowledges a batch after its training step; the server counts, per trainer and
+epoch, the batches acknowledged in order. A trainer that reconnects (after a crash) starts at its first unacknowledged
+batch, so the batch it was training on when it died comes again and nothing it finished comes twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lightning_distqat.config import DataConfig
+from lightning_distqat.data.errors import DataServerError, DataSourceError
+from lightning_distqat.data.order import epoch_batches, trainer_share
+from lightning_distqat.data.shm import Slot
+from lightning_distqat.data.sources import load_splits
+from lightning_distqat.data.tasks import make_collate
+
+__all__ = ["DataServer", "default_address", "compatibility_key"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+_POLL = 0.2
+
+
+def default_address(cfg: DataConfig, suffix: str = "") -> str:
+    """Where a server of this config listens: ``cfg.address`` or ``<tmpdir>/distqat-data-<name><suffix>.sock``."""
+    return cfg.address or os.path.join(tempfile.gettempdir(), f"distqat-data-{cfg.name}{suffix}.sock")
+
+
+def compatibility_key(cfg: DataConfig) -> dict[str, Any]:
+    """The fields a trainer and a server must agree on (a trainer must not silently train on another dataset)."""
+    fields = ("source", "subset", "split", "val_split", "val_fraction", "task", "batch_size", "seed", "drop_last",
+              "shuffle_buffer")
+    return {k: v for k, v in asdict(cfg).items() if k in fields}
+
+
+class DataServer:
+    """Serve ``cfg``'s dataset to the trainers of this machine.
+
+    ``start()`` loads the data, checks it against the task and listens; ``shutdown()`` stops every stream, unlinks
+    every shared-memory segment and removes the socket. Construction has no side effects.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.address = default_address(cfg)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._acked: dict[tuple[int, int], int] = {}
+        self._epochs: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        self._active: dict[tuple[int, str], "_Session"] = {}
+        self._sessions: set[_Session] = set()
+        self._sock: Optional[socket.socket] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self.datasets: dict[str, Any] = {}
+        self.collate = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "DataServer":
+        """Load and check the dataset, then listen on :attr:`address`. Raises :class:`DataSourceError` for bad input
+        and :class:`DataServerError` when another server already listens there."""
+        cfg = self.cfg
+        for field, value, low in (("batch_size", cfg.batch_size, 1), ("num_trainers", cfg.num_trainers, 1),
+                                  ("prefetch", cfg.prefetch, 1), ("shuffle_buffer", cfg.shuffle_buffer, 0)):
+            if value < low:
+                raise DataSourceError(f"DataConfig.{field} must be >= {low}, got {value}")
+        splits = load_splits(cfg)
+        self.datasets = {"train": splits.train}
+        if splits.val is not None:
+            self.datasets["validation"] = splits.val
+        rows = len(splits.train)
+        if cfg.batch_size > rows:
+            raise DataSourceError(f"DataConfig.batch_size={cfg.batch_size} is larger than the train split of "
+                                  f"'{cfg.source}' ({rows} rows); use batch_size <= {rows}")
+        if rows // cfg.batch_size < cfg.num_trainers and cfg.drop_last:
+            log.warning("DataServer: %d full batches for %d trainers: some trainers get none", rows // cfg.batch_size,
+                        cfg.num_trainers)
+        self.collate = make_collate(cfg, list(splits.train.column_names))
+        self._prepare(self.datasets["train"], np.arange(min(2, rows)))  # fail now, not in a trainer, on bad rows
+        self._listen()
+        sizes = ", ".join(f"{len(ds)} {name}" for name, ds in self.datasets.items())
+        log.info("DataServer: serving '%s' (%s rows; task %s; batch %d; %d trainer(s); seed %d) at %s", cfg.source,
+                 sizes, cfg.task, cfg.batch_size, cfg.num_trainers, cfg.seed, self.address)
+        return self
+
+    def _listen(self) -> None:
+        if os.path.exists(self.address):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.address)
+            except OSError:  # nobody listens: a stale socket of a killed server
+                os.unlink(self.address)
+            else:
+                raise DataServerError(f"a data server already listens at {self.address}; connect to it, or give "
+                                      f"this one another DataConfig.name or address")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # only this user may connect
+        try:
+            sock.bind(self.address)
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        self._sock = sock
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="distqat-data-accept", daemon=True)
+        self._accept_thread.start()
+
+    def shutdown(self) -> None:
+        """Stop accepting, end every trainer's stream, unlink all segments and the socket. Idempotent."""
+        self._stop.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+            self._accept_thread = None
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:  # each sees the stop flag within one poll and cleans up after itself
+            session.join(timeout=15)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                os.unlink(self.address)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "DataServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._sock], [], [], _POLL)
+            if not ready:
+                continue
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            session = _Session(self, Connection(conn.detach()))
+            with self._lock:
+                self._sessions.add(session)
+            session.start()
+
+    # ------------------------------------------------------------------ what sessions ask
+    def info(self) -> dict[str, Any]:
+        return {
+            "config": compatibility_key(self.cfg),
+            "num_trainers": self.cfg.num_trainers,
+            "rows": {name: len(ds) for name, ds in self.datasets.items()},
+            "batches": {name: len(self.batches(name, 0)) for name in self.datasets},
+            "pid": os.getpid(),
+        }
+
+    def batches(self, split: str, epoch: int) -> list[np.ndarray]:
+        """Sample ids of every batch of ``split`` in ``epoch`` (train: shuffled; validation: stored order)."""
+        key = (split, epoch if split == "train" else 0)
+        with self._lock:
+            if key not in self._epochs:
+                n, cfg = len(self.datasets[split]), self.cfg
+                if split == "train":
+                    batches = epoch_batches(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                            shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last)
+                else:
+                    batches = epoch_batches(n, cfg.batch_size, seed=0, epoch=0, shuffle_buffer=0)
+                self._epochs[key] = batches
+                while len(self._epochs) > 4:
+                    self._epochs.popitem(last=False)
+            return self._epochs[key]
+
+    def plan(self, session: "_Session", trainer_id: int, split: str, epoch: int) -> tuple[list[int], int]:
+        """Batch indices this trainer gets in ``epoch`` and how many of them it has already acknowledged; makes
+        ``session`` the trainer's only stream of ``split``."""
+        if split not in self.datasets:
+            raise DataServerError(f"data server for '{self.cfg.source}' has no '{split}' split; it serves "
+                                  f"{', '.join(self.datasets)} (set DataConfig.val_split or val_fraction)")
+        if not 0 <= trainer_id < self.cfg.num_trainers:
+            raise DataServerError(f"trainer_id {trainer_id} is out of range for this data server "
+                                  f"(num_trainers={self.cfg.num_trainers}); start it with num_trainers >= "
+                                  f"{trainer_id + 1}")
+        if epoch < 0:
+            raise DataServerError(f"epoch must be >= 0, got {epoch}")
+        num = len(self.batches(split, epoch))
+        with self._lock:
+            holder = self._active.get((trainer_id, split))
+            if holder is not None and holder is not session and holder.alive:
+                raise DataServerError(f"trainer_id {trainer_id} is already connected to the data server for "
+                                      f"'{split}'; every trainer needs its own id")
+            self._active[(trainer_id, split)] = session
+            if split != "train":
+                return list(range(num)), 0
+            return trainer_share(num, self.cfg.num_trainers, trainer_id), self._acked.get((trainer_id, epoch), 0)
+
+    def ack(self, trainer_id: int, epoch: int, index: int) -> None:
+        """Record that ``trainer_id`` finished training on batch ``index`` of ``epoch``."""
+        share = trainer_share(len(self.batches("train", epoch)), self.cfg.num_trainers, trainer_id)
+        with self._lock:
+            done = self._acked.get((trainer_id, epoch), 0)
+            if done < len(share) and share[done] == index:
+                self._acked[(trainer_id, epoch)] = done + 1
+            elif index not in share[:done]:
+                log.warning("DataServer: trainer %d acknowledged batch %d of epoch %d out of order (expected %s)",
+                            trainer_id, index, epoch, share[done] if done < len(share) else "none")
+
+    def release(self, session: "_Session") -> None:
+        with self._lock:
+            self._sessions.discard(session)
+            for key in [k for k, s in self._active.items() if s is session]:
+                del self._active[key]
+
+    def _prepare(self, dataset: Any, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self.collate(dataset[ids.tolist()])
+        batch["sample_ids"] = torch.as_tensor(ids, dtype=torch.int64)
+        return batch
+
+
+class _Session(threading.Thread):
+    """One trainer connection: answers its requests and runs the producer of its current stream."""
+
+    def __init__(self, server: DataServer, conn: Connection) -> None:
+        super().__init__(name="distqat-data-session", daemon=True)
+        self.server, self.conn = server, conn
+        self.alive = True
+        self._stream: Optional[_Stream] = None
+
+    def run(self) -> None:
+        try:
+            while not self.server._stop.is_set():
+                if not self.conn.poll(_POLL):
+                    continue
+                message = self.conn.recv()
+                reply = self._handle(message)
+                if reply is not None:
+                    self.conn.send(reply)
+        except (EOFError, OSError):
+            pass  # the trainer went away (normal exit or crash); what it acknowledged is kept
+        finally:
+            self.alive = False
+            if self._stream is not None:
+                self._stream.stop()
+            self.server.release(self)
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+
+    def _handle(self, message: tuple) -> Optional[tuple]:
+        kind = message[0]
+        try:
+            if kind == "info":
+                return ("info", self.server.info())
+            if kind == "start":
+                _, trainer_id, split, epoch = message
+                share, done = self.server.plan(self, trainer_id, split, epoch)
+                if self._stream is not None:
+                    self._stream.stop()
+                self._stream = _Stream(self.server, split, epoch, share[done:])
+                return ("started", len(share), done)
+            if kind == "next":
+                if self._stream is None:
+                    return ("error", "DataServerError", "'next' before 'start'")
+                return self._stream.next()
+            if kind == "ack":
+                _, trainer_id, epoch, index = message
+                self.server.ack(trainer_id, epoch, index)
+                return None
+            return ("error", "DataServerError", f"unknown request {kind!r}")
+        except (DataServerError, DataSourceError) as e:
+            return ("error", type(e).__name__, str(e))
+
+
+class _Stream:
+    """The batches of one trainer in one epoch of one split, prepared ahead into ``prefetch`` + 1 reusable slots."""
+
+    def __init__(self, server: DataServer, split: str, epoch: int, indices: list[int]) -> None:
+        self.server, self.split, self.epoch = server, split, epoch
+        self.indices = indices
+        self._stop = threading.Event()
+        self._slots = [Slot() for _ in range(server.cfg.prefetch + 1)]
+        self._free: queue.Queue[Slot] = queue.Queue()
+        for slot in self._slots:
+            self._free.put(slot)
+        self._ready: queue.Queue[tuple] = queue.Queue()
+        self._handed: Optional[Slot] = None
+        self._thread = threading.Thread(target=self._produce, name="distqat-data-producer", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        dataset = self.server.datasets[self.split]
+        batches = self.server.batches(self.split, self.epoch)
+        try:
+            for index in self.indices:
+                slot = self._take_free()
+                if slot is None:
+                    return
+                layout = slot.write(self.server._prepare(dataset, batches[index]))
+                self._ready.put(("batch", index, slot, layout))
+            self._ready.put(("end",))
+        except Exception as e:  # one bad batch fails this trainer's request, never the server
+            log.exception("DataServer: preparing a %s batch failed", self.split)
+            self._ready.put(("error", type(e).__name__, f"the data server failed to prepare a batch: {e}"))
+
+    def _take_free(self) -> Optional[Slot]:
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+        return None
+
+    def next(self) -> tuple:
+        if self._handed is not None:  # the trainer copied it out before asking again
+            self._free.put(self._handed)
+            self._handed = None
+        while not self._stop.is_set():
+            try:
+                item = self._ready.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            if item[0] != "batch":
+                self._ready.put(item)  # "end" and errors answer every later request too
+                return item
+            _, index, slot, layout = item
+            self._handed = slot
+            return ("batch", index, slot.name, layout)
+        return ("error", "DataServerError", "the data server is shutting down")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for slot in self._slots:
+            slot.close()
