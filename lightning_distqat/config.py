@@ -7,9 +7,9 @@ child processes as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig"]
+__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig", "QuantConfig"]
 
 
 @dataclass(kw_only=True)
@@ -138,8 +138,17 @@ class DataConfig:
     num_trainers: int = 1
     """Trainers sharing one epoch: batch ``j`` goes to trainer ``j % num_trainers``, each exactly once."""
 
+    cache: bool = True
+    """Transform each split once, at start-up, into one shared-memory copy when its rows have a fixed shape (images,
+    token sequences) and it fits in ``cache_max_gib``; trainers then gather their batches from that copy. Otherwise
+    (speech, or too large) batches are transformed as they are served. Transforms are deterministic either way: put
+    random augmentation in the LightningModule (for example in ``on_after_batch_transfer``)."""
+
+    cache_max_gib: float = 8.0
+    """Largest transformed split (GiB) that ``cache`` keeps in shared memory."""
+
     prefetch: int = 4
-    """Batches prepared ahead for each trainer."""
+    """Batches prepared ahead for each trainer (when the split is not cached)."""
 
     address: Optional[str] = None
     """Unix socket the server listens on. ``None``: ``<tmpdir>/distqat-data-<name>.sock``."""
@@ -153,3 +162,59 @@ class DataConfig:
     request_timeout: float = 120.0
     """Seconds a trainer waits for one batch before it raises :class:`DataServerError`; raise it for slow
     transforms or very large batches."""
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    """What is quantized: tensors on the wire between trainer and experts, DiLoCo pseudo-gradients, and the stages
+    themselves (torchao QAT). ``stages`` overrides any field for one stage, e.g.
+    ``QuantConfig(activations="int8", stages={"head": {"activations": "none", "qat": None}})``."""
+
+    enabled: bool = True
+    """The single switch: ``False`` turns every quantization below off (wire, pseudo-gradients, QAT)."""
+
+    activations: str = "none"
+    """Codec of stage inputs and outputs on the wire: ``none``, ``fp16``, ``bf16``, ``int8`` or ``int4``."""
+
+    gradients: str = "none"
+    """Codec of gradients on the wire (both directions of backward)."""
+
+    block_size: int = 256
+    """Values per absmax scale for ``int8`` (each block sends one fp16 scale: 256 gives 0.252 x fp32 bytes)."""
+
+    int4_block_size: int = 32
+    """Values per absmax scale for ``int4``."""
+
+    pseudo_gradients: str = "none"
+    """Codec of DiLoCo pseudo-gradients in the averaging all-reduce: ``none``, ``fp16``, ``int8`` or ``int4``
+    (received parts are accumulated in fp32)."""
+
+    qat: Optional[str] = None
+    """torchao QAT scheme prepared on each expert's stage: ``int8-int4`` (int8 per-token dynamic activations, int4
+    grouped weights), ``int4-weight`` (int4 grouped weights only), or ``None``."""
+
+    qat_group_size: int = 32
+    """Weight group size of the int4 QAT schemes (the stage's linear in_features must be a multiple of it)."""
+
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-stage overrides: stage path -> {field: value}."""
+
+    def for_stage(self, stage: str) -> "QuantConfig":
+        """The settings that apply to ``stage`` (overrides applied; everything off when disabled)."""
+        from dataclasses import fields, replace
+
+        names = {f.name for f in fields(self)} - {"stages", "enabled"}
+        overrides = self.stages.get(stage, {})
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"QuantConfig.stages['{stage}']: unknown field(s) {sorted(unknown)}; valid: "
+                             f"{sorted(names)}")
+        resolved = replace(self, stages={}, **overrides)
+        if not self.enabled:
+            resolved = replace(resolved, activations="none", gradients="none", pseudo_gradients="none", qat=None)
+        return resolved
+
+    def wire_codec(self, which: str) -> tuple[str, int]:
+        """(codec, block size) for ``which`` in ("activations", "gradients", "pseudo_gradients")."""
+        codec = getattr(self, which)
+        return codec, self.int4_block_size if codec == "int4" else self.block_size

@@ -58,9 +58,19 @@ class DiLoCoConfig:
     target_group_size: Optional[int] = None
     """Largest averaging group (``None``: everyone who shows up)."""
 
+    pseudo_gradient_codec: str = "none"
+    """Codec of pseudo-gradients in the all-reduce: ``none``, ``fp16``, ``int8`` or ``int4`` (set from
+    ``QuantConfig.pseudo_gradients`` by the strategy). Received parts are accumulated in fp32."""
+
+    codec_block_size: int = 256
+    """Values per scale of the ``int8``/``int4`` pseudo-gradient codecs."""
+
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
             raise ValueError(f"DiLoCoConfig: inner_steps must be >= 1, got {self.inner_steps}")
+        if self.pseudo_gradient_codec not in ("none", "fp16", "int8", "int4"):
+            raise ValueError(f"DiLoCoConfig: pseudo_gradient_codec {self.pseudo_gradient_codec!r} is unknown; "
+                             f"expected none, fp16, int8 or int4")
         if self.averaging_timeout <= self.matchmaking_time:
             raise ValueError(
                 f"DiLoCoConfig: averaging_timeout ({self.averaging_timeout}s) must exceed matchmaking_time "
@@ -198,8 +208,12 @@ class DiLoCoSync:
         self._started = True
         if self.solo:
             return self
+        from lightning_distqat.quant.averaging import pseudo_gradient_compression
+
+        compression = pseudo_gradient_compression(self.config.pseudo_gradient_codec, self.config.codec_block_size)
         self._averager = _Averager(
             lambda: self.state,
+            compression=compression,
             averaged_tensors=[torch.zeros_like(o) for o in self.state.outer],
             dht=self._dht,
             prefix=self._prefix,

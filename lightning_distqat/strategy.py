@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_distqat.config import ExpertConfig, SwarmConfig
+from lightning_distqat.config import ExpertConfig, QuantConfig, SwarmConfig
 from lightning_distqat.diloco import DiLoCoConfig
 from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from lightning_distqat.swarm.optimizers import OptimizerSplit
@@ -53,6 +53,8 @@ class DistqatStrategy(ParallelStrategy):
             outer step. With ``stages`` every expert of the pipeline does this for its stage (the replicas are the
             other pipelines' experts of that stage); without ``stages`` the whole model is one replica per trainer
             (data-parallel DiLoCo for any LightningModule).
+        quant: wire codecs for each stage's activations and gradients (bytes are logged as ``wire/bytes_sent`` and
+            ``wire/bytes_received``), the pseudo-gradient codec of DiLoCo, and torchao QAT on the experts.
     """
 
     strategy_name = "distqat"
@@ -65,6 +67,7 @@ class DistqatStrategy(ParallelStrategy):
         experiment: Optional[str] = None,
         swarm: Optional[SwarmConfig] = None,
         diloco: Optional[DiLoCoConfig] = None,
+        quant: Optional[QuantConfig] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -91,6 +94,11 @@ class DistqatStrategy(ParallelStrategy):
         self._splits: dict[int, OptimizerSplit] = {}
         self._pending: dict[str, Any] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
+        self.quant = quant or QuantConfig(enabled=False)
+        self._wire_done = {"bytes_sent": 0, "bytes_received": 0}
+        if diloco is not None and self.quant.for_stage("").pseudo_gradients != "none":
+            diloco = replace(diloco, pseudo_gradient_codec=self.quant.for_stage("").pseudo_gradients,
+                             codec_block_size=self.quant.wire_codec("pseudo_gradients")[1])
         self.diloco = diloco
         self._rounds: Optional[TrainerRounds] = None
         self.diloco_reports: list[dict[str, Any]] = []
@@ -239,6 +247,10 @@ class DistqatStrategy(ParallelStrategy):
             )
         fingerprints = {name: stage_fingerprint(m) for name, m in self._originals.items()}
         self._handles = self._client.claim_pipeline(fingerprints)
+        for name, handle in self._handles.items():
+            stage_quant = self.quant.for_stage(name)
+            handle.activations = stage_quant.wire_codec("activations")
+            handle.gradients = stage_quant.wire_codec("gradients")
         rank_zero_info(
             "DistqatStrategy: pipeline " + " -> ".join(f"{s} @ …{h.peer_id[-8:]}" for s, h in self._handles.items())
         )
@@ -311,6 +323,7 @@ class DistqatStrategy(ParallelStrategy):
                 lambda h: h.step(split.index, groups, **self._pending),
                 [self._handles[s] for s in split.stages],
             )
+        self._log_wire_bytes()
         if self._rounds is not None and (split is None or split.index == 0):
             report = self._rounds.inner_step_done()
             logger = self.lightning_module.logger if self.lightning_module is not None else None
@@ -318,6 +331,23 @@ class DistqatStrategy(ParallelStrategy):
                 metrics = {f"diloco/{k}": float(v) for k, v in report.items() if k != "checksums"}
                 logger.log_metrics(metrics, step=self._rounds.inner_steps)
         return result
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Tensor bytes sent to and received from the experts by forward/backward calls of the current (or last)
+        fit (after encoding)."""
+        if not self._handles:
+            return dict(self._wire_done)
+        return {"bytes_sent": sum(h.bytes_sent for h in self._handles.values()),
+                "bytes_received": sum(h.bytes_received for h in self._handles.values())}
+
+    def _log_wire_bytes(self) -> None:
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        if not self._handles or trainer is None or module.logger is None:
+            return
+        if (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            module.logger.log_metrics({f"wire/{k}": float(v) for k, v in self.wire_bytes().items()},
+                                      step=trainer.global_step)
 
     def clip_grad_norm(self, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``clip_grad_norm_`` over the local parameters and every stage's parameters together."""
@@ -412,6 +442,7 @@ class DistqatStrategy(ParallelStrategy):
                     set_submodule(module, name, original)
             for split in self._splits.values():
                 split.restore()
+            self._wire_done = self.wire_bytes()
             self._splits, self._handles = {}, {}
             if self._pool is not None:
                 self._pool.shutdown(wait=True)

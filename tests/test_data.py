@@ -54,7 +54,7 @@ def test_image_classification_collate():
     collate = make_collate(cfg, ["image", "label"])
     images = [np.full((8, 8), 255, dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8)]
     batch = collate({"image": images, "label": [3, 4]})
-    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["pixel_values"].is_contiguous()
     assert torch.allclose(batch["pixel_values"][0], torch.full((3, 16, 16), 2.0))  # (1 - 0.5) / 0.25
     assert torch.allclose(batch["pixel_values"][1], torch.full((3, 16, 16), -2.0))
     assert batch["labels"].tolist() == [3, 4]
@@ -193,11 +193,12 @@ def _orders(cfg: DataConfig, epochs=(0,)) -> dict[tuple[int, int], list[list[int
         return out
 
 
-def test_same_seed_same_order_other_seed_other_order(tmp_path):
-    first = _orders(_server_cfg(tmp_path, num_trainers=2, seed=7), epochs=(0, 1))
-    again = _orders(_server_cfg(tmp_path, num_trainers=2, seed=7), epochs=(0, 1))
-    other = _orders(_server_cfg(tmp_path, num_trainers=2, seed=8), epochs=(0, 1))
-    assert first == again
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "streamed"])
+def test_same_seed_same_order_other_seed_other_order(tmp_path, cache):
+    first = _orders(_server_cfg(tmp_path, num_trainers=2, seed=7, cache=cache), epochs=(0, 1))
+    again = _orders(_server_cfg(tmp_path, num_trainers=2, seed=7, cache=not cache), epochs=(0, 1))
+    other = _orders(_server_cfg(tmp_path, num_trainers=2, seed=8, cache=cache), epochs=(0, 1))
+    assert first == again, "cached and streamed servers hand out the same batches"
     for key in first:
         assert first[key] != other[key]
     assert first[0, 0] != first[0, 1], "every epoch has its own order"
@@ -205,8 +206,9 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
     assert sorted(ids) == list(range(1797))
 
 
-def test_reconnecting_trainer_resumes_at_its_first_unfinished_batch(tmp_path):
-    cfg = _server_cfg(tmp_path, num_trainers=2)
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "streamed"])
+def test_reconnecting_trainer_resumes_at_its_first_unfinished_batch(tmp_path, cache):
+    cfg = _server_cfg(tmp_path, num_trainers=2, cache=cache)
     with DataServer(cfg):
         client = DataClient(cfg.address, 1).connect()
         assert client.start("train", 0) == (9, 0)

@@ -140,3 +140,14 @@ def test_ctrl_c_of_a_trainer_with_an_embedded_server(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.swarm
+def test_main_job_trains_from_the_data_server(tmp_path):
+    """`make run`'s job, one epoch: ResNet-18 on 4 embedded experts, fed by the embedded shared-memory data server."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "resnet_embedded.py"), "--epochs", "1"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=170)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Data server (embedded, pid" in output, output[-4000:]
+    assert "Summary: 23 steps, 1472 samples" in output, output[-4000:]  # 1527 rows // 64, drop_last

@@ -8,8 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel, DemoModel, RandomDataset
 from torch.utils.data import DataLoader
 
-import lightning_distqat  # noqa: F401 - registers "distqat"
-from lightning_distqat import DistqatStrategy
+from lightning_distqat import DistqatStrategy  # importing the package registers "distqat"
 from tests.helpers import quiet_trainer
 
 pytestmark = [pytest.mark.swarm]

@@ -8,6 +8,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Iterator, Optional
 
+import torch
+
 from lightning_distqat.data.errors import DataServerError, DataSourceError
 from lightning_distqat.data.shm import SegmentReader
 
@@ -27,6 +29,7 @@ class DataClient:
         self.request_timeout = request_timeout
         self._conn: Optional[Connection] = None
         self._reader = SegmentReader()
+        self._cache: Optional[tuple] = None
 
     def connect(self, timeout: float = 0.0) -> "DataClient":
         """Connect, retrying for up to ``timeout`` seconds while the server is starting."""
@@ -70,7 +73,7 @@ class DataClient:
 
     def start(self, split: str, epoch: int) -> tuple[int, int]:
         """Begin ``split`` of ``epoch``; returns (batches of this trainer in the epoch, how many it already did)."""
-        _, total, done = self._request(("start", self.trainer_id, split, epoch))
+        _, total, done, self._cache = self._request(("start", self.trainer_id, split, epoch))
         return total, done
 
     def batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -79,6 +82,12 @@ class DataClient:
             reply = self._request(("next",))
             if reply[0] == "end":
                 return
+            if reply[0] == "rows":  # a cached split: gather the rows from the server's one transformed copy
+                _, index, ids = reply
+                batch = self._reader.gather(*self._cache, ids)
+                batch["sample_ids"] = torch.tensor(ids, dtype=torch.int64)
+                yield index, batch
+                continue
             _, index, name, layout = reply
             yield index, self._reader.read(name, layout)
 

@@ -64,25 +64,21 @@ class SharedMemoryDataModule(pl.LightningDataModule):
         cfg = self.config
         if cfg.num_trainers < world:
             cfg = self.config = replace(cfg, num_trainers=world)
-        suffix = f"-{os.getpid()}" if world == 1 and cfg.address is None else ""
-        address = default_address(cfg, suffix)
-        probe = DataClient(address, tid, request_timeout=cfg.request_timeout)
-        try:
-            probe.connect()
-        except DataServerError:
+        address, self.info = self._find_server(cfg, tid)
+        if address is None:
             if not self.embedded:
-                raise
+                raise DataServerError(f"no data server answers at {default_address(cfg)}; start `distqat-data` with "
+                                      f"this DataConfig or let SharedMemoryDataModule start one (embedded=True)")
+            # one trainer: a private server; several ranks of one Trainer: rank 0's server at the shared address
+            address = default_address(cfg, f"-{os.getpid()}" if world == 1 and cfg.address is None else "")
             if rank == 0:
                 self._server = EmbeddedDataServer(replace(cfg, address=address))
                 self._server.start()
-            probe.connect(timeout=cfg.startup_timeout)  # other ranks wait for rank 0's server
-        try:
-            self.info = probe.info()
-        finally:
-            probe.close()
-        if self.info["config"] != compatibility_key(cfg):
-            raise DataServerError(f"the data server at {address} serves {self.info['config']}, but this trainer "
-                                  f"asks for {compatibility_key(cfg)}; use another DataConfig.name or address")
+            probe = DataClient(address, tid, request_timeout=cfg.request_timeout)
+            try:
+                self.info = probe.connect(timeout=cfg.startup_timeout).info()  # other ranks wait for rank 0's server
+            finally:
+                probe.close()
         self._address, self._tid = address, tid
         if trainer is not None and self._callback not in trainer.callbacks:
             trainer.callbacks.append(self._callback)
@@ -104,6 +100,24 @@ class SharedMemoryDataModule(pl.LightningDataModule):
             self.trainer.callbacks.remove(self._callback)
 
     # ------------------------------------------------------------------ internals
+    def _find_server(self, cfg: DataConfig, tid: int) -> tuple[Optional[str], dict[str, Any]]:
+        """The address and info of a running server for ``cfg`` at its shared address, if one answers there."""
+        address = default_address(cfg)
+        probe = DataClient(address, tid, request_timeout=cfg.request_timeout)
+        try:
+            info = probe.connect().info()
+        except DataServerError:
+            return None, {}
+        finally:
+            probe.close()
+        if info["config"] == compatibility_key(cfg):
+            return address, info
+        if cfg.address is not None or not self.embedded:
+            raise DataServerError(f"the data server at {address} serves {info['config']}, but this trainer asks for "
+                                  f"{compatibility_key(cfg)}; use the server's DataConfig, or another name or address")
+        log.info("The data server at %s serves another dataset; starting this trainer's own", address)
+        return None, {}
+
     def _client(self, split: str) -> DataClient:
         if self._address is None:
             raise DataServerError("SharedMemoryDataModule: call setup() (the Trainer does) before asking for batches")

@@ -1,17 +1,20 @@
 """A data server in a child process of the trainer, for when no ``distqat-data`` runs on the machine.
 
-The child is started with the spawn method (a clean interpreter: no trainer threads are copied), ignores Ctrl+C
-(its parent shuts it down) and stops by itself when its parent dies. If it has to be killed, the parent removes the
-shared-memory segments it left.
+The child is a fresh interpreter (``python -m lightning_distqat.data.child``): no trainer threads are copied and
+the user's script is not imported again, so scripts without an ``if __name__ == "__main__"`` guard work too. It has
+its own resource tracker (which unlinks its shared memory if it is killed), ignores Ctrl+C (its parent shuts it down)
+and stops by itself when its parent dies or closes its stdin.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing as mp
 import os
-import signal
-import threading
+import select
+import subprocess
+import sys
+from dataclasses import asdict
 from typing import Any, Optional
 
 from lightning_distqat.config import DataConfig
@@ -23,37 +26,6 @@ __all__ = ["EmbeddedDataServer"]
 log = logging.getLogger(__name__)
 
 
-def _serve_child(cfg: DataConfig, parent_pid: int, conn: Any) -> None:
-    from lightning_distqat.data.server import DataServer
-    from lightning_distqat.swarm.dht import die_with_parent
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    die_with_parent(signal.SIGTERM)
-    import torch
-
-    torch.set_num_threads(1)  # the trainer owns the cores; batches are prepared one at a time
-    logging.basicConfig(level=logging.WARNING)
-    server = DataServer(cfg)
-    try:
-        try:
-            server.start()
-        except Exception as e:
-            conn.send(("error", type(e).__name__, str(e)))
-            return
-        conn.send(("ready", server.address, server.info()))
-        while not stop.is_set() and os.getppid() == parent_pid:
-            if conn.poll(0.5):
-                try:
-                    conn.recv()  # "stop"
-                except EOFError:
-                    pass
-                break
-    finally:
-        server.shutdown()
-
-
 class EmbeddedDataServer:
     """Start a :class:`~lightning_distqat.data.server.DataServer` for ``cfg`` in a child process."""
 
@@ -61,56 +33,62 @@ class EmbeddedDataServer:
         self.cfg = cfg
         self.address: Optional[str] = None
         self.info: dict[str, Any] = {}
-        self._proc: Optional[mp.process.BaseProcess] = None
-        self._conn: Any = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> str:
         """Start the child and wait (``cfg.startup_timeout``) until it listens; returns its address. Errors in the
         data (missing path, bad column...) are raised here as :class:`DataSourceError`."""
-        ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_child, args=(self.cfg, os.getpid(), child_conn),
-                                 name="distqat-data", daemon=True)
-        self._proc.start()
-        child_conn.close()
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lightning_distqat.data.child", json.dumps(asdict(self.cfg)), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )
         try:
-            if not self._conn.poll(self.cfg.startup_timeout):
-                raise DataServerError(f"the embedded data server did not start within startup_timeout="
-                                      f"{self.cfg.startup_timeout}s (loading '{self.cfg.source}')")
-            reply = self._conn.recv()
-        except EOFError:
-            self._proc.join(timeout=5)
-            code = self._proc.exitcode
-            self.shutdown()
-            raise DataServerError(f"the embedded data server exited while starting (exit code {code})") from None
+            ready, _, _ = select.select([self._proc.stdout], [], [], self.cfg.startup_timeout)
+            line = self._proc.stdout.readline() if ready else None
         except BaseException:
             self.shutdown()
             raise
-        if reply[0] == "error":
+        if line is None:
             self.shutdown()
-            cls = DataSourceError if reply[1] == "DataSourceError" else DataServerError
-            raise cls(reply[2])
-        _, self.address, self.info = reply
+            raise DataServerError(f"the embedded data server did not start within startup_timeout="
+                                  f"{self.cfg.startup_timeout}s (loading '{self.cfg.source}')")
+        if not line:
+            code = self._proc.wait(timeout=10)
+            self.shutdown()
+            raise DataServerError(f"the embedded data server exited while starting (exit code {code}); see its "
+                                  f"messages above")
+        reply = json.loads(line)
+        if "error" in reply:
+            self.shutdown()
+            cls = DataSourceError if reply["error"] == "DataSourceError" else DataServerError
+            raise cls(reply["message"])
+        self.address, self.info = reply["address"], reply["info"]
         log.info("Data server (embedded, pid %d) serves '%s' at %s", self._proc.pid, self.cfg.source, self.address)
         return self.address
 
     def shutdown(self) -> None:
-        """Ask the child to stop; kill it if it does not within 15 s and remove what it left in /dev/shm."""
+        """Ask the child to stop (close its stdin); kill it if it does not within 15 s and remove what it left."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         try:
-            self._conn.send("stop")
-        except (OSError, ValueError):
+            proc.stdin.close()
+        except OSError:
             pass
-        proc.join(timeout=15)
-        if proc.exitcode is None:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             log.warning("Data server (pid %d) did not stop in 15 s; killing it", proc.pid)
             proc.kill()
-            proc.join(timeout=5)
+            proc.wait(timeout=5)
+        proc.stdout.close()
         removed = remove_segments_of(proc.pid)
         if removed:
             log.warning("Data server (pid %d) left %d shared-memory segment(s); removed", proc.pid, len(removed))
-        if self.address and os.path.exists(self.address) and proc.exitcode != 0:
+        if proc.returncode != 0 and self.address and os.path.exists(self.address):
             os.unlink(self.address)
-        self._conn.close()

@@ -31,7 +31,7 @@ import torch
 from lightning_distqat.config import DataConfig
 from lightning_distqat.data.errors import DataServerError, DataSourceError
 from lightning_distqat.data.order import epoch_batches, trainer_share
-from lightning_distqat.data.shm import Slot
+from lightning_distqat.data.shm import SharedTensors, Slot
 from lightning_distqat.data.sources import load_splits
 from lightning_distqat.data.tasks import make_collate
 
@@ -75,6 +75,7 @@ class DataServer:
         self._accept_thread: Optional[threading.Thread] = None
         self.datasets: dict[str, Any] = {}
         self.collate = None
+        self.caches: dict[str, SharedTensors] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "DataServer":
@@ -85,6 +86,7 @@ class DataServer:
                                   ("prefetch", cfg.prefetch, 1), ("shuffle_buffer", cfg.shuffle_buffer, 0)):
             if value < low:
                 raise DataSourceError(f"DataConfig.{field} must be >= {low}, got {value}")
+        self._check_address_free()
         splits = load_splits(cfg)
         self.datasets = {"train": splits.train}
         if splits.val is not None:
@@ -98,13 +100,49 @@ class DataServer:
                         cfg.num_trainers)
         self.collate = make_collate(cfg, list(splits.train.column_names))
         self._prepare(self.datasets["train"], np.arange(min(2, rows)))  # fail now, not in a trainer, on bad rows
-        self._listen()
+        try:
+            if cfg.cache and getattr(self.collate, "fixed_shape", False):
+                for name, ds in self.datasets.items():
+                    self._build_cache(name, ds)
+            self._listen()
+        except BaseException:
+            self._close_caches()
+            raise
         sizes = ", ".join(f"{len(ds)} {name}" for name, ds in self.datasets.items())
         log.info("DataServer: serving '%s' (%s rows; task %s; batch %d; %d trainer(s); seed %d) at %s", cfg.source,
                  sizes, cfg.task, cfg.batch_size, cfg.num_trainers, cfg.seed, self.address)
         return self
 
-    def _listen(self) -> None:
+    def _build_cache(self, split: str, dataset: Any) -> None:
+        """Transform ``split`` once into shared memory (if it fits ``cache_max_gib``)."""
+        from tqdm.auto import tqdm
+
+        rows = len(dataset)
+        example = self.collate(dataset[:min(2, rows)])
+        row_bytes = sum(t[:1].numel() * t.element_size() for t in example.values())
+        if rows * row_bytes > self.cfg.cache_max_gib * 2**30:
+            log.info("DataServer: the transformed %s split needs %.1f GiB > cache_max_gib=%s; transforming batches as "
+                     "they are served", split, rows * row_bytes / 2**30, self.cfg.cache_max_gib)
+            return
+        cache = SharedTensors(rows, example)
+        self.caches[split] = cache
+        chunk = 256
+        with tqdm(total=rows, desc=f"DataServer: transforming {split}", unit="rows", leave=False,
+                  disable=rows < 20 * chunk) as bar:
+            for start in range(0, rows, chunk):
+                if self._stop.is_set():
+                    raise DataServerError("the data server was stopped while transforming its dataset")
+                cache.fill(start, self.collate(dataset[start:start + chunk]))
+                bar.update(min(chunk, rows - start))
+        log.info("DataServer: %s split transformed once into shared memory (%.1f MiB)", split,
+                 rows * row_bytes / 2**20)
+
+    def _close_caches(self) -> None:
+        for cache in self.caches.values():
+            cache.close()
+        self.caches.clear()
+
+    def _check_address_free(self) -> None:
         if os.path.exists(self.address):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -116,6 +154,9 @@ class DataServer:
                                       f"this one another DataConfig.name or address")
             finally:
                 probe.close()
+
+    def _listen(self) -> None:
+        self._check_address_free()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # only this user may connect
         try:
@@ -137,6 +178,7 @@ class DataServer:
             sessions = list(self._sessions)
         for session in sessions:  # each sees the stop flag within one poll and cleans up after itself
             session.join(timeout=15)
+        self._close_caches()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -279,7 +321,8 @@ class _Session(threading.Thread):
                 if self._stream is not None:
                     self._stream.stop()
                 self._stream = _Stream(self.server, split, epoch, share[done:])
-                return ("started", len(share), done)
+                cache = self.server.caches.get(split)
+                return ("started", len(share), done, (cache.name, cache.layout) if cache is not None else None)
             if kind == "next":
                 if self._stream is None:
                     return ("error", "DataServerError", "'next' before 'start'")
@@ -294,12 +337,19 @@ class _Session(threading.Thread):
 
 
 class _Stream:
-    """The batches of one trainer in one epoch of one split, prepared ahead into ``prefetch`` + 1 reusable slots."""
+    """The batches of one trainer in one epoch of one split. From a cached split the trainer gathers rows itself;
+    otherwise they are prepared ahead into ``prefetch`` + 1 reusable slots by a producer thread."""
 
     def __init__(self, server: DataServer, split: str, epoch: int, indices: list[int]) -> None:
         self.server, self.split, self.epoch = server, split, epoch
         self.indices = indices
         self._stop = threading.Event()
+        self._cached = split in server.caches
+        self._position = 0
+        self._thread: Optional[threading.Thread] = None
+        self._slots: list[Slot] = []
+        if self._cached:
+            return
         self._slots = [Slot() for _ in range(server.cfg.prefetch + 1)]
         self._free: queue.Queue[Slot] = queue.Queue()
         for slot in self._slots:
@@ -333,6 +383,12 @@ class _Stream:
         return None
 
     def next(self) -> tuple:
+        if self._cached:
+            if self._position >= len(self.indices):
+                return ("end",)
+            index = self.indices[self._position]
+            self._position += 1
+            return ("rows", index, self.server.batches(self.split, self.epoch)[index].tolist())
         if self._handed is not None:  # the trainer copied it out before asking again
             self._free.put(self._handed)
             self._handed = None
@@ -351,6 +407,7 @@ class _Stream:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         for slot in self._slots:
             slot.close()

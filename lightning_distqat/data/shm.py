@@ -9,6 +9,7 @@ them if the server is killed. Trainers map segments without registering them, so
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import os
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SEGMENT_PREFIX", "Slot", "SegmentReader", "segments_of", "remove_segments_of"]
+__all__ = ["SEGMENT_PREFIX", "Slot", "SharedTensors", "SegmentReader", "segments_of", "remove_segments_of"]
 
 SEGMENT_PREFIX = "distqat_data_"
 _ALIGN = 64
@@ -30,6 +31,60 @@ Layout = list[tuple[str, str, tuple[int, ...], int, int]]
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _create(size: int) -> shared_memory.SharedMemory:
+    name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}"
+    return shared_memory.SharedMemory(name=name, create=True, size=max(_ALIGN, size))
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.close()
+    except BufferError:  # a view is still alive somewhere in this process; the unlink below still frees the name
+        pass
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return torch.empty(0, dtype=getattr(torch, name)).numpy().dtype
+
+
+class SharedTensors:
+    """Row-major tensors ``[rows, ...]`` in one segment of the server, filled chunk by chunk: a transformed split
+    that every trainer of the machine gathers its batches from."""
+
+    def __init__(self, rows: int, example: dict[str, torch.Tensor]) -> None:
+        self.rows = rows
+        self.layout: Layout = []
+        offset = 0
+        for key, t in example.items():
+            row_shape = tuple(t.shape[1:])
+            nbytes = rows * t[:1].numel() * t.element_size()
+            self.layout.append((key, str(t.dtype).removeprefix("torch."), (rows, *row_shape), offset, nbytes))
+            offset += _aligned(nbytes)
+        self._shm = _create(offset)
+        self._views = {key: torch.frombuffer(self._shm.buf, dtype=getattr(torch, dtype), count=math.prod(shape),
+                                             offset=start).view(shape) if nbytes else None
+                       for key, dtype, shape, start, nbytes in self.layout}
+
+    @property
+    def name(self) -> str:
+        return self._shm.name.lstrip("/")
+
+    def fill(self, start: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a chunk of transformed rows at ``start``."""
+        for key, view in self._views.items():
+            if view is not None:
+                chunk = tensors[key]
+                view[start:start + len(chunk)].copy_(chunk)
+
+    def close(self) -> None:
+        self._views.clear()
+        _unlink(self._shm)
 
 
 class Slot:
@@ -64,22 +119,14 @@ class Slot:
         if self._shm is not None and self._shm.size >= size:
             return
         self.close()
-        name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}"
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=_aligned(size + size // 4))
+        self._shm = _create(_aligned(size + size // 4))
 
     def close(self) -> None:
         """Unlink the segment (a trainer that still maps it keeps its pages until it unmaps)."""
         if self._shm is None:
             return
         shm, self._shm = self._shm, None
-        try:
-            shm.close()
-        except BufferError:  # a view is still alive somewhere in this process; the unlink below still frees the name
-            pass
-        try:
-            shm.unlink()
-        except FileNotFoundError:
-            pass
+        _unlink(shm)
 
 
 class SegmentReader:
@@ -110,6 +157,16 @@ class SegmentReader:
         for key, dtype, shape, start, nbytes in layout:
             raw = torch.from_numpy(np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=start).copy())
             out[key] = raw.view(getattr(torch, dtype)).view(shape)
+        return out
+
+    def gather(self, name: str, layout: Layout, ids: list[int]) -> dict[str, Any]:
+        """Copies of rows ``ids`` of the :class:`SharedTensors` that ``layout`` describes in segment ``name``."""
+        m = self._map(name)
+        index = np.asarray(ids, dtype=np.int64)
+        out: dict[str, Any] = {}
+        for key, dtype, shape, start, nbytes in layout:
+            rows = np.frombuffer(m, dtype=_np_dtype(dtype), count=math.prod(shape), offset=start).reshape(shape)
+            out[key] = torch.from_numpy(rows[index])
         return out
 
     def close(self) -> None:

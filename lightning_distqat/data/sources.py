@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lightning_distqat.config import DataConfig
 from lightning_distqat.data.errors import DataSourceError
 
 __all__ = ["Splits", "load_splits", "BUILTIN_SOURCES"]
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,8 @@ _EXPECTED = ("a folder written by Dataset.save_to_disk, an image folder (one sub
 class Splits:
     """What the server serves: the training split and, optionally, a validation split."""
 
-    train: "datasets.Dataset"  # noqa: F821
-    val: Optional["datasets.Dataset"] = None  # noqa: F821
+    train: "datasets.Dataset"
+    val: Optional["datasets.Dataset"] = None
 
 
 def load_splits(cfg: DataConfig) -> Splits:

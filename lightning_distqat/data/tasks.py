@@ -31,6 +31,9 @@ def _require(columns: list[str], needed: dict[str, str], source: str, task: str)
 class ImageClassification:
     """Decode, convert to ``channels``, resize to ``image_size`` (bilinear), scale to [0, 1], normalise."""
 
+    fixed_shape = True
+    """Every row becomes tensors of the same shape, so the server can keep the transformed split in one cache."""
+
     def __init__(self, cfg: DataConfig, columns: list[str]) -> None:
         _require(columns, {"image_column": cfg.image_column, "label_column": cfg.label_column}, cfg.source,
                  cfg.task)
@@ -64,7 +67,8 @@ class ImageClassification:
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
     def __call__(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
-        pixels = torch.from_numpy(np.stack([self._pixels(img) for img in rows[self.cfg.image_column]]))
+        # contiguous NCHW (np.stack of transposed views would keep a channels-last layout)
+        pixels = torch.from_numpy(np.ascontiguousarray(np.stack([self._pixels(img) for img in rows[self.cfg.image_column]])))
         labels = rows[self.cfg.label_column]
         if not all(isinstance(v, (int, np.integer)) for v in labels):
             raise DataSourceError(f"task 'image_classification': column '{self.cfg.label_column}' must hold integer "
@@ -129,6 +133,8 @@ class CausalLM:
     """Tokenise each text, truncate and pad to ``seq_len``; labels are the input ids with padding set to -100
     (the model shifts them)."""
 
+    fixed_shape = True
+
     def __init__(self, cfg: DataConfig, columns: list[str]) -> None:
         _require(columns, {"text_column": cfg.text_column}, cfg.source, cfg.task)
         if cfg.seq_len < 2:
@@ -151,6 +157,8 @@ class CausalLM:
 class Speech:
     """Raw waveforms, cut to ``max_audio_seconds``, normalised per clip (zero mean, unit variance), zero-padded to the
     longest clip of the batch; transcripts tokenised as labels (bytes: byte + 1, so id 0 stays the CTC blank)."""
+
+    fixed_shape = False
 
     def __init__(self, cfg: DataConfig, columns: list[str]) -> None:
         _require(columns, {"audio_column": cfg.audio_column, "text_column": cfg.text_column}, cfg.source, cfg.task)

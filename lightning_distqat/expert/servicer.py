@@ -16,6 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
+from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
 from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
 
 __all__ = ["ExpertServicer"]
@@ -95,19 +96,21 @@ class ExpertServicer(ServicerBase):
     # ------------------------------------------------------------------ tensor RPCs (streamed)
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, tensors: list) -> tuple[dict, list]:
+            tensors = _decoded(header, tensors)
             outputs, is_tuple = await self._run(
                 self.backend.forward, header["request_id"], header["layout"], tensors,
                 training=bool(header["training"]), need_grad=bool(header["need_grad"]),
             )
-            return {"tuple": is_tuple}, outputs
+            return _encoded({"tuple": is_tuple}, header, outputs, f"stage '{self.backend.name}' output")
 
         for message in pack(Response, *await self._answer("forward", unpack_stream(requests), body)):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, grad_outputs: list) -> tuple[dict, list]:
-            grads = await self._run(self.backend.backward, header["request_id"], grad_outputs)
-            return {"present": [g is not None for g in grads]}, [g for g in grads if g is not None]
+            grads = await self._run(self.backend.backward, header["request_id"], _decoded(header, grad_outputs))
+            return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
+                            f"stage '{self.backend.name}' input gradient")
 
         for message in pack(Response, *await self._answer("backward", unpack_stream(requests), body)):
             yield message
@@ -212,3 +215,22 @@ class ExpertServicer(ServicerBase):
             "requests_served": self.requests_served,
             "requests_failed": self.requests_failed,
         }
+
+
+def _decoded(header: dict, tensors: list) -> list:
+    """The request's tensors, decoded if the trainer sent them through a wire codec."""
+    if "enc" not in header:
+        return tensors
+    try:
+        return decode_all(header["enc"], tensors)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise StageError(f"could not decode the request's tensors ({type(e).__name__}: {e})") from None
+
+
+def _encoded(reply: dict, header: dict, tensors: list, where: str) -> tuple[dict, list]:
+    """Encode the reply's tensors with the codec the trainer asked for (``reply_codec``), if any."""
+    codec = header.get("reply_codec")
+    if not codec or codec.get("c", "none") == "none":
+        return reply, tensors
+    headers, flat = encode_all(tensors, check_codec(codec["c"], "reply_codec"), int(codec.get("block", 64)), where)
+    return {**reply, "enc": headers}, flat

@@ -1,0 +1,128 @@
+"""Wire codecs: how a floating-point tensor is shrunk before it crosses the network, and restored after.
+
+Each codec turns a tensor into a small header (plain values) and a list of tensors, and back. Pure functions of the
+input, unit-tested without processes.
+
+- ``none``: the tensor as it is (exact).
+- ``fp16`` / ``bf16``: a cast (values beyond fp16's range are an error, not an infinity).
+- ``int8``: per block of ``block_size`` values, one fp16 scale (absmax / 127) and int8 codes.
+- ``int4``: per block of ``block_size`` values, one fp16 scale (absmax / 7) and 4-bit codes, two per byte.
+
+Non-finite values (NaN, +-Inf) are never silently changed: ``none`` passes them through exactly; every lossy codec
+raises :class:`QuantizationError` naming where they were, because one NaN would poison a whole block's scale.
+Integer and boolean tensors always pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["CODECS", "QuantizationError", "encode", "decode", "encode_all", "decode_all", "payload_bytes", "check_codec"]
+
+CODECS = ("none", "fp16", "bf16", "int8", "int4")
+_FP16_MAX = 65504.0
+
+
+class QuantizationError(ValueError):
+    """A tensor cannot be encoded with the requested codec (non-finite values, or out of the codec's range)."""
+
+
+def check_codec(name: str, what: str) -> str:
+    if name not in CODECS:
+        raise ValueError(f"{what}: unknown codec {name!r}; expected one of {', '.join(CODECS)}")
+    return name
+
+
+def _finite(tensor: torch.Tensor, codec: str, where: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QuantizationError(f"{where}: {bad} non-finite value(s) (NaN/Inf) cannot be encoded with codec "
+                                f"'{codec}'; fix the model's numerics (or send this tensor with codec 'none')")
+
+
+def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = "tensor") -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """``(header, tensors)`` for ``tensor`` under ``codec``. ``where`` names the tensor in error messages."""
+    if codec == "none" or not tensor.is_floating_point():
+        return {"c": "none"}, [tensor]
+    _finite(tensor, codec, where)
+    header = {"c": codec, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    flat = tensor.detach().reshape(-1).float()
+    if codec == "fp16":
+        if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
+            raise QuantizationError(f"{where}: values up to {float(flat.abs().max()):.3g} exceed fp16's range "
+                                    f"({_FP16_MAX}); use codec 'bf16' or 'int8'")
+        return header, [flat.half()]
+    if codec == "bf16":
+        return header, [flat.bfloat16()]
+    if codec in ("int8", "int4"):
+        if block_size < 2 or (codec == "int4" and block_size % 2):
+            raise ValueError(f"codec {codec}: block_size must be >= 2 (and even for int4), got {block_size}")
+        levels = 127 if codec == "int8" else 7
+        n = flat.numel()
+        padded = torch.nn.functional.pad(flat, (0, (-n) % block_size)).view(-1, block_size)
+        absmax = padded.abs().amax(dim=1, keepdim=True)
+        scale = (absmax / levels).half().float()  # the scale that travels (fp16), used on both sides
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.clamp(torch.round(padded / safe), -levels, levels).to(torch.int8)
+        header["block"] = block_size
+        codes = codes.view(-1)[:n]  # the last block's padding does not travel
+        if codec == "int4":
+            nibbles = (torch.nn.functional.pad(codes, (0, n % 2)) + 8).to(torch.uint8)  # 1..15 (pad: 8)
+            codes = (nibbles[0::2] | (nibbles[1::2] << 4)).view(torch.int8)
+        return header, [scale.half().view(-1), codes]
+    raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+
+
+def decode(header: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode`: the tensor in its original dtype and shape."""
+    codec = header["c"]
+    if codec == "none":
+        return tensors[0]
+    dtype, shape = getattr(torch, header["dtype"]), tuple(header["shape"])
+    numel = 1
+    for d in shape:
+        numel *= d
+    if codec in ("fp16", "bf16"):
+        return tensors[0].float()[:numel].view(shape).to(dtype)
+    if codec in ("int8", "int4"):
+        scale, codes = tensors
+        block = int(header["block"])
+        if codec == "int4":
+            packed = codes.view(torch.uint8)
+            nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
+            codes = nibbles.to(torch.int8) - 8
+        codes = torch.nn.functional.pad(codes.float()[:numel], (0, scale.numel() * block - numel))
+        values = codes.view(-1, block) * scale.float().view(-1, 1)
+        return values.view(-1)[:numel].view(shape).to(dtype)
+    raise ValueError(f"unknown codec {codec!r} in a message; expected one of {', '.join(CODECS)}")
+
+
+def payload_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of tensor data that a message carries."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def encode_all(tensors: list[torch.Tensor], codec: str, block_size: int, where: str
+               ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """Encode several tensors: per-tensor headers and one flat list of tensors to send."""
+    headers, flat = [], []
+    for i, t in enumerate(tensors):
+        header, parts = encode(t, codec, block_size, f"{where} #{i}")
+        header["n"] = len(parts)
+        headers.append(header)
+        flat.extend(parts)
+    return headers, flat
+
+
+def decode_all(headers: list[dict[str, Any]], flat: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`encode_all`."""
+    out, i = [], 0
+    for header in headers:
+        n = int(header["n"])
+        out.append(decode(header, flat[i:i + n]))
+        i += n
+    if i != len(flat):
+        raise ValueError(f"message carries {len(flat)} tensors but its codec headers describe {i}")
+    return out

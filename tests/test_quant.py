@@ -1,0 +1,96 @@
+"""Wire codecs, QuantConfig resolution and the pseudo-gradient compression adapter (pure logic, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
+
+from lightning_distqat.config import QuantConfig
+from lightning_distqat.quant.averaging import pseudo_gradient_compression
+from lightning_distqat.quant.codecs import QuantizationError, decode, decode_all, encode, encode_all, payload_bytes
+
+
+def _mse(codec: str, block: int, shape=(4096, 16)) -> tuple[float, float]:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    header, parts = encode(x, codec, block)
+    y = decode(header, parts)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    return float(((x - y) ** 2).mean()), payload_bytes(parts) / (x.numel() * 4)
+
+
+@pytest.mark.parametrize("codec,block,max_mse,max_ratio", [
+    ("fp16", 64, 5e-8, 0.5), ("bf16", 64, 5e-6, 0.5), ("int8", 64, 5e-5, 0.258), ("int8", 256, 5e-5, 0.253),
+    ("int4", 32, 1.2e-2, 0.141),
+])
+def test_codec_error_and_size_bounds_on_normal_data(codec, block, max_mse, max_ratio):
+    mse, ratio = _mse(codec, block)
+    assert mse <= max_mse, f"{codec}/{block}: MSE {mse:.3g} > {max_mse}"
+    assert ratio <= max_ratio, f"{codec}/{block}: {ratio:.4f} x fp32 bytes"
+
+
+def test_none_is_exact_and_passes_non_finite_values():
+    x = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 1e30])
+    header, parts = encode(x, "none")
+    assert torch.equal(decode(header, parts).nan_to_num(), x.nan_to_num()) and decode(header, parts).isnan()[1]
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "int4"])
+def test_lossy_codecs_refuse_non_finite_values(codec):
+    x = torch.randn(100)
+    x[17] = float("nan")
+    with pytest.raises(QuantizationError, match=r"stage 'body' output: 1 non-finite value\(s\)"):
+        encode(x, codec, 32, "stage 'body' output")
+
+
+def test_fp16_refuses_values_beyond_its_range():
+    with pytest.raises(QuantizationError, match="exceed fp16's range"):
+        encode(torch.tensor([1e6, 1.0]), "fp16")
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 33, 65])
+def test_int4_and_int8_handle_ragged_sizes_and_zeros(n):
+    x = torch.randn(n)
+    x[0] = 0.0
+    for codec, block in (("int8", 16), ("int4", 16)):
+        header, parts = encode(x, codec, block)
+        y = decode(header, parts)
+        assert y.shape == x.shape and y[0] == 0
+        assert torch.allclose(y, x, atol=float(x.abs().max()) / (7 if codec == "int4" else 127))
+    header, parts = encode(torch.zeros(n), "int8", 16)
+    assert torch.equal(decode(header, parts), torch.zeros(n))
+
+
+def test_integer_tensors_pass_through_and_many_tensors_round_trip():
+    ids = torch.arange(10)
+    half = torch.randn(3, 5).half()
+    headers, flat = encode_all([ids, half, torch.randn(7)], "int8", 64, "inputs")
+    out = decode_all(headers, flat)
+    assert torch.equal(out[0], ids) and out[1].dtype == torch.float16 and out[2].shape == (7,)
+    with pytest.raises(ValueError, match="codec headers describe"):
+        decode_all(headers, flat + [ids])
+
+
+def test_quant_config_overrides_and_the_single_switch():
+    q = QuantConfig(activations="int8", gradients="fp16", qat="int8-int4",
+                    stages={"head": {"activations": "none", "qat": None}})
+    assert q.for_stage("body").activations == "int8" and q.for_stage("head").activations == "none"
+    assert q.for_stage("head").gradients == "fp16" and q.for_stage("head").qat is None
+    assert q.wire_codec("activations") == ("int8", 256)
+    off = QuantConfig(enabled=False, activations="int8", pseudo_gradients="int4", qat="int8-int4")
+    assert (off.for_stage("body").activations, off.for_stage("body").pseudo_gradients, off.for_stage("body").qat) \
+        == ("none", "none", None)
+    with pytest.raises(ValueError, match=r"QuantConfig.stages\['head'\]: unknown field\(s\) \['activation'\]"):
+        QuantConfig(stages={"head": {"activation": "int8"}}).for_stage("head")
+
+
+@pytest.mark.parametrize("codec,max_ratio", [("fp16", 0.51), ("int8", 0.26), ("int4", 0.141)])
+def test_pseudo_gradient_compression_through_hivemind_serialization(codec, max_ratio):
+    x = torch.randn(10_000)
+    compression = pseudo_gradient_compression(codec, 256 if codec != "int4" else 32)
+    serialized = compression.compress(x, CompressionInfo.from_tensor(x))
+    restored = deserialize_torch_tensor(serialized)  # hivemind's own dispatch, as in its all-reduce
+    assert restored.dtype == torch.float32 and restored.shape == x.shape
+    assert len(serialized.buffer) / (x.numel() * 4) <= max_ratio
+    assert float(((restored - x) ** 2).mean()) < (1e-2 if codec == "int4" else 1e-4)
+    assert torch.equal(deserialize_torch_tensor(serialize_torch_tensor(x)), x)  # hivemind's NONE is untouched
