@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
-from lightning_distqat.config import DataConfig, ExpertConfig, SwarmConfig  # noqa: E402
+from lightning_distqat.config import DataConfig, ExpertConfig, QuantConfig, SwarmConfig  # noqa: E402
 from lightning_distqat.data import DataServer, DataServerError, DataSourceError, SharedMemoryDataModule  # noqa: E402
 from lightning_distqat.diloco import DiLoCoConfig  # noqa: E402
 from lightning_distqat.strategy import DistqatStrategy  # noqa: E402
@@ -24,6 +24,7 @@ __all__ = [
     "SwarmConfig",
     "ExpertConfig",
     "DataConfig",
+    "QuantConfig",
     "SharedMemoryDataModule",
     "DataServer",
     "DataServerError",

@@ -202,6 +202,7 @@ class DiLoCoSync:
         self.state = OuterState(local, config)
         self._dht, self._prefix = dht, prefix
         self._averager: Optional[_Averager] = None
+        self._compression: Optional[Any] = None
         self.reports: list[RoundReport] = []
 
     def start(self) -> "DiLoCoSync":
@@ -210,7 +211,8 @@ class DiLoCoSync:
             return self
         from lightning_distqat.quant.averaging import pseudo_gradient_compression
 
-        compression = pseudo_gradient_compression(self.config.pseudo_gradient_codec, self.config.codec_block_size)
+        compression = self._compression = pseudo_gradient_compression(self.config.pseudo_gradient_codec,
+                                                                       self.config.codec_block_size)
         self._averager = _Averager(
             lambda: self.state,
             compression=compression,
@@ -256,6 +258,13 @@ class DiLoCoSync:
         log.info("DiLoCo %s: loaded outer state of round %d from a peer", self._prefix, self.state.round)
         return True
 
+    def _compression_ratio(self, tensor: torch.Tensor) -> float:
+        if self._compression is None:
+            return 1.0
+        from hivemind.compression import CompressionInfo
+
+        return float(self._compression.estimate_compression_ratio(CompressionInfo.from_tensor(tensor)))
+
     def round(self, samples: float) -> RoundReport:
         """Average pseudo-gradients with the replicas that show up within ``averaging_timeout`` (weighted by
         ``samples`` processed since the last round), take the outer step, reset local params.
@@ -276,7 +285,7 @@ class DiLoCoSync:
                 )
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 log.warning("DiLoCo %s: round %d failed (%s)", self._prefix, self.state.round, e)
-        nbytes = sum(g.numel() * g.element_size() for g in pseudo)
+        nbytes = sum(int(g.numel() * g.element_size() * self._compression_ratio(g)) for g in pseudo)
         if group:
             with self._averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]

@@ -273,7 +273,7 @@ class DistqatStrategy(ParallelStrategy):
         for split in self._splits.values():
             for stage in split.stages:
                 specs[stage][split.index] = split.expert_spec(stage)
-        self._each(lambda h: h.configure(specs[h.stage]))
+        self._each(lambda h: h.configure(specs[h.stage], qat=self._qat_of(h.stage)))
 
     # ------------------------------------------------------------------ training
     @override
@@ -331,6 +331,10 @@ class DistqatStrategy(ParallelStrategy):
                 metrics = {f"diloco/{k}": float(v) for k, v in report.items() if k != "checksums"}
                 logger.log_metrics(metrics, step=self._rounds.inner_steps)
         return result
+
+    def _qat_of(self, stage: str) -> Optional[dict[str, Any]]:
+        q = self.quant.for_stage(stage)
+        return {"scheme": q.qat, "group_size": q.qat_group_size} if q.qat else None
 
     def wire_bytes(self) -> dict[str, int]:
         """Tensor bytes sent to and received from the experts by forward/backward calls of the current (or last)

@@ -118,3 +118,36 @@ def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
     assert a.state.round == 1 and b.state.round == 0
     assert all(torch.isfinite(p).all() for p in model_a.parameters())
     assert any(g.abs().sum() > 0 for g in expected)
+
+
+def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):
+    """The same round twice from the same start, with fp32 and with int8 pseudo-gradients (fp32 accumulation)."""
+    (dht_a, dht_b, _), syncs = two_nodes
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 256), nn.Linear(256, 2))
+    results = {}
+    for codec in ("none", "int8"):
+        models = [copy.deepcopy(base) for _ in range(2)]
+        cfg = DiLoCoConfig(inner_steps=2, matchmaking_time=1.0, averaging_timeout=15.0, pseudo_gradient_codec=codec)
+        pair = [DiLoCoSync(list(m.parameters()), cfg, dht=d, prefix=f"t_q_{codec}") for m, d in
+                zip(models, (dht_a, dht_b))]
+        syncs += pair
+        for s in pair:
+            s.start()
+
+        def go(sync, model, seed):
+            _inner_steps(model, torch.optim.SGD(model.parameters(), lr=0.05), seed, 2)
+            return sync.round(samples=8)
+
+        reports = _in_parallel(lambda: go(pair[0], models[0], 1), lambda: go(pair[1], models[1], 2))
+        assert [r.group_size for r in reports] == [2, 2]
+        results[codec] = ([o.detach().clone() for o in pair[0].state.outer], [o.detach().clone() for o in
+                          pair[1].state.outer], sum(r.bytes_sent for r in reports))
+    ratio = results["int8"][2] / results["none"][2]
+    assert ratio <= 0.3, f"int8 pseudo-gradients sent {ratio:.3f} x the fp32 bytes"
+    start = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
+    exact = torch.cat([o.reshape(-1) for o in results["none"][0]])
+    for replica in (0, 1):
+        approx = torch.cat([o.reshape(-1) for o in results["int8"][replica]])
+        step = (exact - start).norm()
+        assert (approx - exact).norm() <= 0.02 * step, "int8 averaging moved the outer params off the fp32 result"

@@ -70,6 +70,7 @@ class StageBackend:
         self._dropped: "OrderedDict[str, None]" = OrderedDict()
         self.samples_seen = 0
         self.busy_seconds = 0.0
+        self.qat: Optional[tuple[str, int]] = None
 
     # ------------------------------------------------------------------ forward / backward
     def forward(
@@ -140,6 +141,25 @@ class StageBackend:
         return self.samples_seen / self.busy_seconds if self.busy_seconds > 0 else 0.0
 
     # ------------------------------------------------------------------ optimizers
+    def prepare_qat(self, scheme: Optional[str], group_size: int) -> None:
+        """Insert torchao fake quantizers (before any optimizer exists: they keep the same parameters)."""
+        if scheme is None or self.qat == (scheme, group_size):
+            return
+        if self.qat is not None:
+            raise StageError(f"stage '{self.name}' is already prepared for QAT {self.qat}; restart the expert to "
+                             f"change the scheme")
+        if self.optimizers:
+            raise StageError(f"stage '{self.name}': QAT must be prepared before the optimizers are configured")
+        from lightning_distqat.quant.qat import prepare
+
+        try:
+            prepare(self.module, scheme, group_size, where=f"stage '{self.name}'")
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        self._params = dict(self.module.named_parameters())
+        self._param_names = {p: n for n, p in self._params.items()}
+        self.qat = (scheme, group_size)
+
     def configure_optimizer(self, index: int, spec: dict[str, Any]) -> None:
         """Create optimizer ``index`` from a spec: ``{"cls": path, "defaults": {...}, "groups": [{..., "param_names"}]}``.
 

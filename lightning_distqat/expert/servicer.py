@@ -140,6 +140,9 @@ class ExpertServicer(ServicerBase):
 
     async def rpc_configure(self, request: Request, context: P2PContext) -> Response:
         def fn(header: dict) -> None:
+            qat = header.get("qat")
+            if qat:
+                self.backend.prepare_qat(qat["scheme"], int(qat["group_size"]))
             for index, spec in header["optimizers"].items():
                 self.backend.configure_optimizer(int(index), spec)
 
@@ -214,6 +217,8 @@ class ExpertServicer(ServicerBase):
             "throughput": self.backend.throughput,
             "requests_served": self.requests_served,
             "requests_failed": self.requests_failed,
+            "qat": list(self.backend.qat) if self.backend.qat else None,
+            "fake_quantized_linears": _fake_quantized(self.backend.module),
         }
 
 
@@ -234,3 +239,9 @@ def _encoded(reply: dict, header: dict, tensors: list, where: str) -> tuple[dict
         return reply, tensors
     headers, flat = encode_all(tensors, check_codec(codec["c"], "reply_codec"), int(codec.get("block", 64)), where)
     return {**reply, "enc": headers}, flat
+
+
+def _fake_quantized(module: Any) -> int:
+    from lightning_distqat.quant.qat import fake_quantized_linears
+
+    return fake_quantized_linears(module)

@@ -148,8 +148,9 @@ class ExpertHandle:
         it = iter(grads)
         return [next(it) if present else None for present in reply["present"]]
 
-    def configure(self, optimizers: dict[int, dict[str, Any]]) -> None:
-        self._unary("rpc_configure", {"optimizers": {str(i): spec for i, spec in optimizers.items()}})
+    def configure(self, optimizers: dict[int, dict[str, Any]], qat: Optional[dict[str, Any]] = None) -> None:
+        """Create the stage's optimizers; ``qat`` (``{"scheme", "group_size"}``) first prepares torchao QAT."""
+        self._unary("rpc_configure", {"optimizers": {str(i): spec for i, spec in optimizers.items()}, "qat": qat})
 
     def step(self, index: int, groups: list[dict[str, Any]], *, grad_scale=None, clip_value=None) -> None:  # noqa: ANN001
         self._unary("rpc_step", {"index": index, "groups": groups, "grad_scale": grad_scale, "clip_value": clip_value})
