@@ -7,8 +7,9 @@ dataset) feeds a small CNN. Every variant runs in its own process with OMP_NUM_T
 - dataloader: ``torch.utils.data.DataLoader(num_workers=1)`` with the same transform per sample;
 - server: the shared-memory data server (a child process, as SharedMemoryDataModule starts it) with acknowledgements.
 
-Then memory: proportional set size (PSS, shared pages split between processes) of 3 trainers that each preload the
-dataset, against 3 trainers fed by one server (server included), minus 3 trainers that hold no data.
+Then memory, with glibc's default allocator settings: proportional set size (PSS, shared pages split between
+processes) of 3 trainers that each preload the dataset, against 3 trainers fed by one server (server included), minus
+3 trainers that hold no data.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_server.py [--images 6000] [--steps 60] [--rounds 2]
 """
@@ -180,12 +181,13 @@ def worker(mode: str, data_dir: str, steps: int, trainer_id: int, num_trainers: 
 
 
 def _spawn(mode: str, data_dir: str, steps: int, trainer_id: int = 0, num_trainers: int = 1,
-           address: str | None = None) -> subprocess.Popen:
+           address: str | None = None, malloc: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", mode, "--data", data_dir, "--steps", str(steps),
            "--trainer-id", str(trainer_id), "--num-trainers", str(num_trainers)]
     if address:
         cmd += ["--address", address]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **MALLOC})
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(MALLOC if malloc else {})})
 
 
 def _result(process: subprocess.Popen) -> dict:
@@ -218,7 +220,7 @@ def memory(data_dir: str, steps: int) -> dict[str, float]:
 
     totals = {"shared": 0.0}
     for mode in ("idle", "preloaded"):
-        procs = [_spawn(mode, data_dir, steps) for _ in range(3)]
+        procs = [_spawn(mode, data_dir, steps, malloc=False) for _ in range(3)]
         pids = [_result(p)["pid"] for p in procs]
         totals[mode] = sum(_pss_kib(pid) for pid in pids) / 1024
         _finish(procs)
@@ -232,7 +234,7 @@ def memory(data_dir: str, steps: int) -> dict[str, float]:
         stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "up", "the benchmark's data server did not start"
-        procs = [_spawn("server", data_dir, steps, tid, 3, address) for tid in range(3)]
+        procs = [_spawn("server", data_dir, steps, tid, 3, address, malloc=False) for tid in range(3)]
         pids = [_result(p)["pid"] for p in procs]
         totals["server"] = (sum(_pss_kib(pid) for pid in pids) + _pss_kib(server.pid)) / 1024
         totals["shared"] = sum(_pss_kib(pid, "Pss_Shmem") for pid in [*pids, server.pid]) / 1024

@@ -94,3 +94,20 @@ def test_pseudo_gradient_compression_through_hivemind_serialization(codec, max_r
     assert len(serialized.buffer) / (x.numel() * 4) <= max_ratio
     assert float(((restored - x) ** 2).mean()) < (1e-2 if codec == "int4" else 1e-4)
     assert torch.equal(deserialize_torch_tensor(serialize_torch_tensor(x)), x)  # hivemind's NONE is untouched
+
+
+def test_quant_presets_build_quant_configs():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import lightning_distqat
+
+    presets = sorted((Path(lightning_distqat.__file__).parent / "conf" / "quant").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"none", "fp16_wire", "int8_wire", "int4_wire", "qat_int8_int4"}
+    for preset in presets:
+        q = instantiate(OmegaConf.load(preset))
+        assert isinstance(q, QuantConfig), preset
+        q.for_stage("any")  # resolves
+    assert instantiate(OmegaConf.load(presets[0].with_name("none.yaml"))).for_stage("x").activations == "none"

@@ -68,7 +68,8 @@ class ImageClassification:
 
     def __call__(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
         # contiguous NCHW (np.stack of transposed views would keep a channels-last layout)
-        pixels = torch.from_numpy(np.ascontiguousarray(np.stack([self._pixels(img) for img in rows[self.cfg.image_column]])))
+        stacked = np.stack([self._pixels(img) for img in rows[self.cfg.image_column]])
+        pixels = torch.from_numpy(np.ascontiguousarray(stacked))
         labels = rows[self.cfg.label_column]
         if not all(isinstance(v, (int, np.integer)) for v in labels):
             raise DataSourceError(f"task 'image_classification': column '{self.cfg.label_column}' must hold integer "

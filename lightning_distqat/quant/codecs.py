@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CODECS", "QuantizationError", "encode", "decode", "encode_all", "decode_all", "payload_bytes", "check_codec"]
+__all__ = ["CODECS", "QuantizationError", "encode", "decode", "encode_all", "decode_all", "payload_bytes",
+           "check_codec"]
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4")
 _FP16_MAX = 65504.0
@@ -42,7 +43,8 @@ def _finite(tensor: torch.Tensor, codec: str, where: str) -> None:
                                 f"'{codec}'; fix the model's numerics (or send this tensor with codec 'none')")
 
 
-def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = "tensor") -> tuple[dict[str, Any], list[torch.Tensor]]:
+def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = "tensor"
+           ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """``(header, tensors)`` for ``tensor`` under ``codec``. ``where`` names the tensor in error messages."""
     if codec == "none" or not tensor.is_floating_point():
         return {"c": "none"}, [tensor]
