@@ -22,6 +22,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pipeline_throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/diloco_benchmark.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/data_server.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quant_benchmark.py
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

@@ -11,6 +11,7 @@ from lightning_distqat.expert.backend import StageBackend
 from lightning_distqat.swarm.messages import CHUNK_BYTES, pack, state_to_tensor, tensor_to_state, unpack
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import rank_candidates
+from lightning_distqat.swarm.remote import _layout
 from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_fingerprint
 
 
@@ -115,3 +116,17 @@ def test_resolve_stages_refuses_tied_weights_and_duplicates():
     with pytest.raises(ValueError, match="listed twice"):
         resolve_stages(_Net(), ["a", "a"])
     assert list(resolve_stages(_Net(), ["b", "a"])) == ["b", "a"]
+
+
+def test_a_repeated_backward_is_answered_again_without_accumulating_twice():
+    torch.manual_seed(0)
+    backend = StageBackend("s", nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    layout, tensors = _layout("s", (x,), {})
+    outputs, _ = backend.forward("r1", layout, tensors, training=True, need_grad=True)
+    g = torch.ones_like(outputs[0])
+    first = backend.backward("r1", [g])
+    weight_grad = backend.module.weight.grad.clone()
+    again = backend.backward("r1", [g])
+    assert torch.equal(first[0], again[0])
+    assert torch.equal(backend.module.weight.grad, weight_grad), "a repeated backward must not accumulate again"

@@ -68,6 +68,9 @@ class StageBackend:
         self._params = dict(self.module.named_parameters())
         self._pending: "OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]" = OrderedDict()
         self._dropped: "OrderedDict[str, None]" = OrderedDict()
+        self._answered: "OrderedDict[str, list[Optional[torch.Tensor]]]" = OrderedDict()
+        """The last few backward answers, so that a repeated backward (its answer was lost) is answered again
+        without accumulating the parameter gradients twice."""
         self.samples_seen = 0
         self.busy_seconds = 0.0
         self.qat: Optional[tuple[str, int]] = None
@@ -105,6 +108,8 @@ class StageBackend:
     def backward(self, request_id: str, grad_outputs: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         """Backpropagate through a saved forward; accumulate parameter grads; return grads of the float inputs."""
         start = time.perf_counter()
+        if request_id in self._answered:  # the trainer asks again: its first answer got lost on the way
+            return self._answered[request_id]
         if request_id not in self._pending:
             if request_id in self._dropped:
                 raise StageError(
@@ -125,6 +130,9 @@ class StageBackend:
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         grads = [t.grad if t.requires_grad else None for t in leaves]
+        self._answered[request_id] = grads
+        while len(self._answered) > 4:
+            self._answered.popitem(last=False)
         self.busy_seconds += time.perf_counter() - start
         return grads
 

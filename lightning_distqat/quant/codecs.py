@@ -4,7 +4,8 @@ Each codec turns a tensor into a small header (plain values) and a list of tenso
 input, unit-tested without processes.
 
 - ``none``: the tensor as it is (exact).
-- ``fp16`` / ``bf16``: a cast (values beyond fp16's range are an error, not an infinity).
+- ``fp16``: a cast after scaling by a per-tensor factor (the largest magnitude maps to 2^14), so neither tiny
+  gradients underflow nor large values overflow; ``bf16``: a cast.
 - ``int8``: per block of ``block_size`` values, one fp16 scale (absmax / 127) and int8 codes.
 - ``int4``: per block of ``block_size`` values, one fp16 scale (absmax / 7) and 4-bit codes, two per byte.
 
@@ -23,7 +24,6 @@ __all__ = ["CODECS", "QuantizationError", "encode", "decode", "encode_all", "dec
            "check_codec"]
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4")
-_FP16_MAX = 65504.0
 
 
 class QuantizationError(ValueError):
@@ -52,10 +52,11 @@ def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = 
     header = {"c": codec, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
     flat = tensor.detach().reshape(-1).float()
     if codec == "fp16":
-        if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
-            raise QuantizationError(f"{where}: values up to {float(flat.abs().max()):.3g} exceed fp16's range "
-                                    f"({_FP16_MAX}); use codec 'bf16' or 'int8'")
-        return header, [flat.half()]
+        # scaled so that the largest magnitude sits near 2^14: small tensors (gradients) keep fp16's full relative
+        # precision instead of underflowing, and nothing overflows
+        absmax = float(flat.abs().max()) if flat.numel() else 0.0
+        header["scale"] = 2.0**14 / absmax if absmax > 0 else 1.0
+        return header, [(flat * header["scale"]).half()]
     if codec == "bf16":
         return header, [flat.bfloat16()]
     if codec in ("int8", "int4"):
@@ -87,7 +88,7 @@ def decode(header: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
     for d in shape:
         numel *= d
     if codec in ("fp16", "bf16"):
-        return tensors[0].float()[:numel].view(shape).to(dtype)
+        return (tensors[0].float()[:numel] / float(header.get("scale", 1.0))).view(shape).to(dtype)
     if codec in ("int8", "int4"):
         scale, codes = tensors
         block = int(header["block"])

@@ -143,7 +143,11 @@ class ExpertHandle:
     def backward(self, request_id: str, grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         header, tensors = self._encode({"request_id": request_id}, grad_outputs, self.gradients,
                                        f"gradient of stage '{self.stage}' output")
-        reply, grads = self._stream("rpc_backward", header, tensors)
+        try:
+            reply, grads = self._stream("rpc_backward", header, tensors)
+        except _EmptyReply as e:  # as in forward; the expert answers a repeated backward from its last answers
+            log.warning("%s; trying once more", e)
+            reply, grads = self._stream("rpc_backward", header, tensors)
         grads = self._decode(reply, grads)
         it = iter(grads)
         return [next(it) if present else None for present in reply["present"]]
