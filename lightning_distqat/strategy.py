@@ -96,9 +96,9 @@ class DistqatStrategy(ParallelStrategy):
         self._pool: Optional[ThreadPoolExecutor] = None
         self.quant = quant or QuantConfig(enabled=False)
         self._wire_done = {"bytes_sent": 0, "bytes_received": 0}
-        if diloco is not None and self.quant.for_stage("").pseudo_gradients != "none":
-            diloco = replace(diloco, pseudo_gradient_codec=self.quant.for_stage("").pseudo_gradients,
-                             codec_block_size=self.quant.wire_codec("pseudo_gradients")[1])
+        pg_codec, pg_block = self.quant.for_stage("").wire_codec("pseudo_gradients")
+        if diloco is not None and pg_codec != "none":
+            diloco = replace(diloco, pseudo_gradient_codec=pg_codec, codec_block_size=pg_block)
         self.diloco = diloco
         self._rounds: Optional[TrainerRounds] = None
         self.diloco_reports: list[dict[str, Any]] = []

@@ -141,7 +141,7 @@ class _ServerLoader:
     def __init__(self, dm: SharedMemoryDataModule, split: str) -> None:
         self.dm, self.split = dm, split
         batches = dm.info["batches"][split]
-        self._len = share_length(batches, dm.config.num_trainers, dm._tid) if split == "train" else batches
+        self._len = share_length(batches, dm.info["num_trainers"], dm._tid) if split == "train" else batches
 
     def __len__(self) -> int:
         return self._len

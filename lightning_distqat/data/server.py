@@ -259,14 +259,15 @@ class DataServer:
 
     def ack(self, trainer_id: int, epoch: int, index: int) -> None:
         """Record that ``trainer_id`` finished training on batch ``index`` of ``epoch``."""
-        share = trainer_share(len(self.batches("train", epoch)), self.cfg.num_trainers, trainer_id)
+        total, step = len(self.batches("train", epoch)), self.cfg.num_trainers
         with self._lock:
             done = self._acked.get((trainer_id, epoch), 0)
-            if done < len(share) and share[done] == index:
+            expected = trainer_id + done * step  # the trainer's share is trainer_id, trainer_id + step, ...
+            if index == expected and index < total:
                 self._acked[(trainer_id, epoch)] = done + 1
-            elif index not in share[:done]:
+            elif not (index < expected and (index - trainer_id) % step == 0):  # not a repeat of a finished one
                 log.warning("DataServer: trainer %d acknowledged batch %d of epoch %d out of order (expected %s)",
-                            trainer_id, index, epoch, share[done] if done < len(share) else "none")
+                            trainer_id, index, epoch, expected if expected < total else "none")
 
     def release(self, session: "_Session") -> None:
         with self._lock:

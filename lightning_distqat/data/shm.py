@@ -102,8 +102,8 @@ class Slot:
         """Copy ``tensors`` into the segment and return where each one lies."""
         layout: Layout = []
         offset = 0
+        tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
         for key, t in tensors.items():
-            t = t.detach().contiguous()
             nbytes = t.numel() * t.element_size()
             layout.append((key, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
             offset += _aligned(nbytes)
@@ -112,7 +112,7 @@ class Slot:
         for (key, _, _, start, nbytes), t in zip(layout, tensors.values()):
             if nbytes:
                 dst = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)
-                dst.copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+                dst.copy_(t.view(-1).view(torch.uint8))
         return layout
 
     def _ensure(self, size: int) -> None:

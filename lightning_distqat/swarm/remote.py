@@ -114,14 +114,19 @@ class ExpertHandle:
     ) -> tuple[list[torch.Tensor], bool]:
         header = {"request_id": request_id, "layout": layout, "training": training, "need_grad": need_grad}
         header, tensors = self._encode(header, tensors, self.activations, f"stage '{self.stage}' input")
-        try:
-            reply, outputs = self._stream("rpc_forward", header, tensors)
-        except _EmptyReply as e:
-            # Now and then (rarely, under load; cause not found yet) hivemind's P2P stream ends before the expert's
-            # answer; the expert is alive. A forward may run again: it stores its context under the same request id.
-            log.warning("%s; trying once more", e)
-            reply, outputs = self._stream("rpc_forward", header, tensors)
+        reply, outputs = self._stream_twice("rpc_forward", header, tensors)
         return self._decode(reply, outputs), bool(reply["tuple"])
+
+    def _stream_twice(self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor]
+                      ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """:meth:`_stream`, once more if the P2P stream ended without an answer. That happens now and then (rarely,
+        under load; cause not found yet) while the expert is alive. Safe for forward (the expert stores the context
+        under the same request id) and backward (it answers a repeated backward from its last answers)."""
+        try:
+            return self._stream(method, header, tensors)
+        except _EmptyReply as e:
+            log.warning("%s; trying once more", e)
+            return self._stream(method, header, tensors)
 
     def _encode(self, header: dict[str, Any], tensors: Sequence[torch.Tensor], codec: tuple[str, int], where: str
                 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -143,11 +148,7 @@ class ExpertHandle:
     def backward(self, request_id: str, grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         header, tensors = self._encode({"request_id": request_id}, grad_outputs, self.gradients,
                                        f"gradient of stage '{self.stage}' output")
-        try:
-            reply, grads = self._stream("rpc_backward", header, tensors)
-        except _EmptyReply as e:  # as in forward; the expert answers a repeated backward from its last answers
-            log.warning("%s; trying once more", e)
-            reply, grads = self._stream("rpc_backward", header, tensors)
+        reply, grads = self._stream_twice("rpc_backward", header, tensors)
         grads = self._decode(reply, grads)
         it = iter(grads)
         return [next(it) if present else None for present in reply["present"]]
