@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 _POLL = 0.2
+_RECONNECT_GRACE = 10 * _POLL  # seconds a reconnecting trainer waits for its old session to end
 
 
 def default_address(cfg: DataConfig, suffix: str = "") -> str:
@@ -247,6 +248,12 @@ class DataServer:
         if epoch < 0:
             raise DataServerError(f"epoch must be >= 0, got {epoch}")
         num = len(self.batches(split, epoch))
+        with self._lock:
+            holder = self._active.get((trainer_id, split))
+        if holder is not None and holder is not session and holder.alive:
+            # a trainer that closed its connection and reconnected at once may arrive before the old session has
+            # read the end of its connection: give that session a few polls to notice before calling it a clash
+            holder.join(timeout=_RECONNECT_GRACE)
         with self._lock:
             holder = self._active.get((trainer_id, split))
             if holder is not None and holder is not session and holder.alive:
