@@ -16,13 +16,14 @@ run: $(STAMP)
 	$(BIN)/python examples/resnet_embedded.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pipeline_throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/diloco_benchmark.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/data_server.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quant_benchmark.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stream_reliability.py
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_distqat.config import ExpertConfig, QuantConfig, SwarmConfig
 from lightning_distqat.diloco import DiLoCoConfig
-from lightning_distqat.swarm.embedded import EmbeddedSwarm
+from lightning_distqat.swarm.embedded import EmbeddedSwarm, refuse_in_spawned_child
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import SwarmClient
 from lightning_distqat.swarm.records import stage_fingerprint
@@ -203,6 +203,7 @@ class DistqatStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
+        refuse_in_spawned_child("DistqatStrategy")
         module = self.lightning_module
         assert module is not None
         if self.stages:
@@ -222,6 +223,8 @@ class DistqatStrategy(ParallelStrategy):
         the embedded experts if there are stages and no ``initial_peers``, and claim a pipeline."""
         if self.world_size > 1 and not self.swarm_config.initial_peers:
             self._rendezvous = Rendezvous.for_launch(self.swarm_config.experiment)
+            if self.global_rank == 0:
+                self._rendezvous.cleanup()  # marks left by an earlier launch that died on the same port
             if self.global_rank > 0:
                 peers = self._rendezvous.wait_peers(self.swarm_config.startup_timeout)
                 self.swarm_config = replace(self.swarm_config, initial_peers=peers)
@@ -241,10 +244,17 @@ class DistqatStrategy(ParallelStrategy):
             )
             atexit.register(self._embedded.shutdown)
             self._embedded.start(self._client.visible_maddrs)
+            if self._rendezvous is not None:
+                self._rendezvous.mark("experts")
             rank_zero_info(
                 f"DistqatStrategy: embedded swarm up, {len(self._originals) * self.world_size} experts serve "
                 f"{list(self._originals)}" + (f" ({self.world_size} per stage)" if self.world_size > 1 else "")
             )
+        elif self._rendezvous is not None:  # the other ranks of a launch use the experts that rank 0 starts
+            if self._rendezvous.wait_marks(["experts"], cfg.startup_timeout):
+                raise TimeoutError(f"DistqatStrategy (rank {self.global_rank}): rank 0 did not start its embedded "
+                                   f"experts within startup_timeout={cfg.startup_timeout:.0f}s (see rank 0's log; "
+                                   "raise SwarmConfig.startup_timeout on a slow machine)")
         fingerprints = {name: stage_fingerprint(m) for name, m in self._originals.items()}
         self._handles = self._client.claim_pipeline(fingerprints)
         for name, handle in self._handles.items():
@@ -296,6 +306,12 @@ class DistqatStrategy(ParallelStrategy):
         )
         self.diloco_reports = self._rounds.reports
         start = self._rounds.start()
+        if self._rendezvous is not None:  # line the ranks up, so that the first round finds every replica
+            late = self._rendezvous.barrier("started", self.global_rank, self.world_size,
+                                            self.swarm_config.startup_timeout)
+            if late:
+                log.warning("DistqatStrategy: ranks %s did not reach training within %.0fs; going on without "
+                            "waiting for them", late, self.swarm_config.startup_timeout)
         rank_zero_info(
             f"DistqatStrategy: DiLoCo on, an outer round every {self.diloco.inner_steps} inner steps "
             f"(starting at round {start}{'; alone in this swarm' if solo else ''})"

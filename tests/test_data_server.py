@@ -67,6 +67,7 @@ def _trainer(address: str, tid: int, out: Path, *extra: str) -> subprocess.Popen
                             cwd=ROOT, env=ENV, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.timeout(420)
 def test_three_trainers_one_killed_and_restarted_see_every_sample_once(data_server, tmp_path):
     server, address = data_server
     outs = [tmp_path / f"trainer{k}.ids" for k in range(3)]
@@ -142,6 +143,7 @@ def test_ctrl_c_of_a_trainer_with_an_embedded_server(tmp_path):
             process.wait()
 
 
+@pytest.mark.timeout(420)
 @pytest.mark.swarm
 def test_main_job_trains_from_the_data_server(tmp_path):
     """`make run`'s job, one epoch: ResNet-18 on 4 embedded experts, fed by the embedded shared-memory data server."""

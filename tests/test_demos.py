@@ -19,6 +19,7 @@ def test_strategy_name_resolves():
     assert isinstance(trainer.strategy, DistqatStrategy)
 
 
+@pytest.mark.timeout(420)
 def test_boring_model_fit_validate_test_predict():
     torch.manual_seed(0)
     model = BoringModel()

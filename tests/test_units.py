@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
 from torch import nn
 
 from lightning_distqat.expert.backend import StageBackend
-from lightning_distqat.swarm.messages import CHUNK_BYTES, pack, state_to_tensor, tensor_to_state, unpack
+from lightning_distqat.swarm.messages import (CHUNK_BYTES, pack, state_to_tensor, tensor_to_state, unpack,
+                                              unpack_stream)
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.pipeline import rank_candidates
 from lightning_distqat.swarm.remote import _layout
@@ -49,6 +52,31 @@ def test_pack_unpack_round_trip_splits_large_tensors():
     assert header == {"k": (1, 2), "s": "x"}
     assert len(out) == len(tensors) and all(torch.equal(a, b) for a, b in zip(out, tensors))
     assert tensor_to_state(state_to_tensor({"a": torch.ones(2), 1: [3, "b"]})).keys() == {"a", 1}
+    assert unpack(messages[:-1]) == (None, [])  # a stream cut short is no answer, not a wrong one
+    assert unpack([]) == (None, [])
+
+
+def test_unpack_stream_reads_the_announced_messages_then_closes_the_stream():
+    messages = list(pack(runtime_pb2.ExpertResponse, {"ok": 1}, [torch.randn(CHUNK_BYTES // 2)] * 3))
+    sent, closed = [], []
+
+    async def stream():
+        try:
+            for message in messages + [runtime_pb2.ExpertResponse()] * 5:  # the caller must not wait for more
+                sent.append(message)
+                yield message
+        finally:
+            closed.append(True)
+
+    header, tensors = asyncio.run(unpack_stream(stream()))
+    assert header == {"ok": 1} and len(tensors) == 3
+    assert len(sent) == len(messages) >= 2 and closed == [True]
+
+    async def cut_short():
+        for message in messages[:-1]:
+            yield message
+
+    assert asyncio.run(unpack_stream(cut_short())) == (None, [])
 
 
 class _Net(nn.Module):

@@ -17,7 +17,7 @@ from hivemind.proto import runtime_pb2
 from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
-from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
+from lightning_distqat.swarm.messages import linger, pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
 
 __all__ = ["ExpertServicer"]
 
@@ -103,7 +103,7 @@ class ExpertServicer(ServicerBase):
             )
             return _encoded({"tuple": is_tuple}, header, outputs, f"stage '{self.backend.name}' output")
 
-        for message in pack(Response, *await self._answer("forward", unpack_stream(requests), body)):
+        async for message in linger(pack(Response, *await self._answer("forward", unpack_stream(requests), body))):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -112,24 +112,25 @@ class ExpertServicer(ServicerBase):
             return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
                             f"stage '{self.backend.name}' input gradient")
 
-        for message in pack(Response, *await self._answer("backward", unpack_stream(requests), body)):
+        async for message in linger(pack(Response, *await self._answer("backward", unpack_stream(requests), body))):
             yield message
 
     async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, _: list) -> tuple[dict, list]:
             return {}, [state_to_tensor(await self._run(self.backend.get_state))]
 
-        for message in pack(Response, *await self._answer("get_state", _parse(request), body, leased=False)):
+        async for message in linger(pack(Response, *await self._answer("get_state", _parse(request), body, leased=False))):
             yield message
 
-    async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> Response:
+    async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, tensors: list) -> tuple[dict, list]:
             if len(tensors) != 1:
                 raise StageError(f"set_state expects one serialized state, got {len(tensors)} tensors")
             await self._run(self.backend.set_state, tensor_to_state(tensors[0]))
             return {}, []
 
-        return next(pack(Response, (await self._answer("set_state", unpack_stream(requests), body))[0]))
+        async for message in linger(pack(Response, *await self._answer("set_state", unpack_stream(requests), body))):
+            yield message
 
     # ------------------------------------------------------------------ control RPCs (unary)
     async def _unary(self, what: str, request: Request, fn: Callable[[dict], Any], *, leased: bool = True) -> Response:

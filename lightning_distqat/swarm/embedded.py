@@ -20,9 +20,19 @@ from lightning_distqat.config import ExpertConfig
 from lightning_distqat.expert.server import run_embedded_expert
 from lightning_distqat.swarm.dht import kill_process_group
 
-__all__ = ["EmbeddedSwarm"]
+__all__ = ["EmbeddedSwarm", "refuse_in_spawned_child"]
 
 log = logging.getLogger(__name__)
+
+_MAIN_GUARD = ("put the code that builds and fits the Trainer under `if __name__ == \"__main__\":` (the embedded experts "
+               "are started with multiprocessing 'spawn', which re-runs the main script's top level in each of them)")
+
+
+def refuse_in_spawned_child(what: str) -> None:
+    """Fail at once when the main script is being re-run by a starting child process (a script without a main
+    guard), instead of starting a second swarm inside every expert."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise RuntimeError(f"{what}: this script is being re-run by one of its own expert processes; {_MAIN_GUARD}")
 
 
 class EmbeddedSwarm:
@@ -54,6 +64,7 @@ class EmbeddedSwarm:
         Raises ``RuntimeError`` with the failing expert's traceback if one cannot start, or ``TimeoutError`` after
         ``startup_timeout`` seconds; in both cases everything started so far is stopped first.
         """
+        refuse_in_spawned_child("EmbeddedSwarm")
         ctx = mp.get_context("spawn")
         pending: dict[Any, tuple[str, mp.process.BaseProcess]] = {}
         try:
@@ -101,7 +112,9 @@ class EmbeddedSwarm:
                 try:
                     kind, payload = conn.recv()
                 except (EOFError, OSError):
-                    kind, payload = "error", f"the process exited with code {process.exitcode} before it was ready"
+                    process.join(1.0)
+                    kind, payload = "error", (f"the process exited with code {process.exitcode} before it was ready "
+                                              f"(its error is above; if it ran your script again, {_MAIN_GUARD})")
                 if kind != "ready":
                     raise RuntimeError(f"embedded swarm: the expert for stage '{name}' failed to start:\n{payload}")
                 self.experts.append({"stage": name, **payload})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any, AsyncIterator, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
 
@@ -12,7 +13,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-__all__ = ["CHUNK_BYTES", "pack", "unpack", "unpack_stream", "state_to_tensor", "tensor_to_state"]
+__all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "unpack_stream", "state_to_tensor",
+           "tensor_to_state"]
 
 CHUNK_BYTES = 2**20
 """Bytes of tensor data per streamed message (well under hivemind's 4 MiB per-message limit)."""
@@ -22,34 +24,37 @@ M = TypeVar("M", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
 
 def pack(kind: Type[M], header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> Iterator[M]:
-    """Yield messages of type ``kind``: the first carries the header, the tensors follow in chunks."""
+    """Yield messages of type ``kind``: the first carries the header, the tensors follow in chunks. The header also
+    says how many messages make up the whole call (``"_n"``), so that the receiver knows when it has all of it."""
     parts: list[runtime_pb2.Tensor] = []
     for tensor in tensors:
         serialized = serialize_torch_tensor(tensor.detach().cpu().contiguous())
         parts.extend(split_for_streaming(serialized, CHUNK_BYTES))
-    header_bytes = MSGPackSerializer.dumps(header)
-    if not parts:
-        yield kind(metadata=header_bytes)
-        return
-    budget, batch, first = 0, [], True
+    batches: list[list[runtime_pb2.Tensor]] = [[]]
+    budget = 0
     for part in parts:
-        if batch and budget + len(part.buffer) > CHUNK_BYTES:
-            yield kind(metadata=header_bytes if first else b"", tensors=batch)
-            budget, batch, first = 0, [], False
-        batch.append(part)
+        if batches[-1] and budget + len(part.buffer) > CHUNK_BYTES:
+            batches.append([])
+            budget = 0
+        batches[-1].append(part)
         budget += len(part.buffer)
-    yield kind(metadata=header_bytes if first else b"", tensors=batch)
+    header_bytes = MSGPackSerializer.dumps({**header, "_n": len(batches)})
+    for i, batch in enumerate(batches):
+        yield kind(metadata=header_bytes if i == 0 else b"", tensors=batch)
 
 
 def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
-    """Inverse of :func:`pack`: the header and the tensors, in order. The header is None if no message came (a
-    stream that the other side closed without answering)."""
-    header: Optional[dict[str, Any]] = None
+    """Inverse of :func:`pack`: the header and the tensors, in order. The header is None if the call did not arrive
+    whole (no message, or fewer than the header announced: a stream that the other side closed early)."""
+    messages = list(messages)
+    if not messages:
+        return None, []
+    header = MSGPackSerializer.loads(messages[0].metadata) if messages[0].metadata else {}
+    if len(messages) < header.pop("_n", 1):
+        return None, []
     tensors: list[torch.Tensor] = []
     pending: list[runtime_pb2.Tensor] = []
-    for i, message in enumerate(messages):
-        if i == 0:
-            header = MSGPackSerializer.loads(message.metadata) if message.metadata else {}
+    for message in messages:
         for part in message.tensors:
             if part.dtype and pending:  # a part with a dtype starts a new tensor
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(pending)))
@@ -61,8 +66,38 @@ def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[
 
 
 async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
-    """:func:`unpack` for an async stream of messages."""
-    return unpack([message async for message in stream])
+    """:func:`unpack` for an async stream of messages. Reads exactly the messages the first one announces, then
+    closes ``stream``: a caller closes its side once it has the whole answer (see :func:`linger`)."""
+    messages: list[Message] = []
+    expected = 1
+    try:
+        async for message in stream:
+            if not messages and message.metadata:
+                expected = int(MSGPackSerializer.loads(message.metadata).get("_n", 1))
+            messages.append(message)
+            if len(messages) >= expected:
+                break
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return unpack(messages)
+
+
+LINGER_SECONDS = 60.0
+"""How long the answering side keeps a stream open after its last message, waiting for the caller to close it."""
+
+
+async def linger(messages: Iterable[M]) -> AsyncIterator[M]:
+    """Yield ``messages`` as a streamed answer, then keep the stream open until the caller closes it (the handler is
+    cancelled then) or ``LINGER_SECONDS`` pass.
+
+    Why: when the answering side closes a hivemind stream, its p2pd resets the libp2p stream right after the last
+    data, and the caller's p2pd discards whatever it had received but not yet handed on (yamux drops buffered data on
+    reset). Under load that lost whole answers. The caller closes first instead, once it has every message."""
+    for message in messages:
+        yield message
+    await asyncio.sleep(LINGER_SECONDS)
 
 
 def state_to_tensor(state: Any) -> torch.Tensor:

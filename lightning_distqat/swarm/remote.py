@@ -37,7 +37,7 @@ class ExpertUnavailableError(ExpertError):
 
 
 class _EmptyReply(ExpertUnavailableError):
-    """A call whose P2P stream ended without any answer."""
+    """A call whose P2P stream ended before the whole answer came."""
 
 
 class ExpertHandle:
@@ -79,8 +79,8 @@ class ExpertHandle:
         except Exception as e:  # noqa: BLE001 - P2P errors come in many types; all mean the call did not go through
             raise self._fail(what, f"{type(e).__name__}: {e}", unavailable=True) from e
         if header is None:
-            raise _EmptyReply(self._fail(what, "the expert closed the connection without answering; it may have died",
-                                         unavailable=True))
+            raise _EmptyReply(self._fail(what, "the connection closed before the whole answer came; the expert may have "
+                                               "died", unavailable=True))
         if "error" in header:
             raise self._fail(what, header["error"])
         return header, tensors
@@ -119,9 +119,9 @@ class ExpertHandle:
 
     def _stream_twice(self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor]
                       ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """:meth:`_stream`, once more if the P2P stream ended without an answer. That happens now and then (rarely,
-        under load; cause not found yet) while the expert is alive. Safe for forward (the expert stores the context
-        under the same request id) and backward (it answers a repeated backward from its last answers)."""
+        """:meth:`_stream`, once more if the P2P stream ended without a whole answer while the expert may be alive (a
+        broken link). Safe for forward (the expert stores the context under the same request id), backward (it answers
+        a repeated backward from its last answers) and get/set_state."""
         try:
             return self._stream(method, header, tensors)
         except _EmptyReply as e:
@@ -164,10 +164,10 @@ class ExpertHandle:
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
 
     def get_state(self) -> dict[str, Any]:
-        return tensor_to_state(self._stream("rpc_get_state", {}, [])[1][0])
+        return tensor_to_state(self._stream_twice("rpc_get_state", {}, [])[1][0])
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._stream("rpc_set_state", {}, [state_to_tensor(state)])
+        self._stream_twice("rpc_set_state", {}, [state_to_tensor(state)])
 
     def diloco(self, op: str, timeout: Optional[float] = None, **fields: Any) -> dict[str, Any]:
         """DiLoCo control on the expert (see ``ExpertServicer.rpc_diloco``)."""

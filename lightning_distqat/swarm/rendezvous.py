@@ -1,8 +1,10 @@
 """Rendezvous of the trainer processes that one ``Trainer(devices=N)`` launches on this machine.
 
 Rank 0 publishes the multiaddrs of its DHT node in a folder named after the launch (Lightning's launcher gives every
-rank the same ``MASTER_PORT``); the other ranks wait for them and join. At the end every other rank marks itself done,
-and rank 0 waits for that before it stops the embedded experts that the others still use.
+rank the same ``MASTER_PORT``); the other ranks wait for them and join, and wait for rank 0's embedded experts before
+they claim theirs. All ranks meet before the first training step, so that DiLoCo's first round finds every replica.
+At the end every other rank marks itself done, and rank 0 waits for that before it stops the embedded experts that
+the others still use.
 """
 
 from __future__ import annotations
@@ -46,22 +48,36 @@ class Rendezvous:
         self._wait(lambda: path.exists(), timeout, f"rank 0 did not publish its swarm address in {path}")
         return json.loads(path.read_text())
 
-    def mark_done(self, rank: int) -> None:
+    def mark(self, name: str) -> None:
+        """Leave the mark ``name`` for the other ranks (``done-1``, ``experts``, ``started-0``, ...)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"done-{rank}").touch()
+        (self.folder / name).touch()
 
-    def wait_done(self, ranks: Iterable[int], timeout: float) -> list[int]:
-        """Wait until every rank in ``ranks`` is done; returns the ranks that were not done in time."""
-        ranks = list(ranks)
+    def wait_marks(self, names: Iterable[str], timeout: float) -> list[str]:
+        """Wait until every mark in ``names`` is there; returns those still missing after ``timeout`` seconds."""
+        names = list(names)
 
-        def missing() -> list[int]:
-            return [r for r in ranks if not (self.folder / f"done-{r}").exists()]
+        def missing() -> list[str]:
+            return [n for n in names if not (self.folder / n).exists()]
 
         try:
             self._wait(lambda: not missing(), timeout, "")
         except TimeoutError:
             pass
         return missing()
+
+    def mark_done(self, rank: int) -> None:
+        self.mark(f"done-{rank}")
+
+    def wait_done(self, ranks: Iterable[int], timeout: float) -> list[int]:
+        """Wait until every rank in ``ranks`` is done; returns the ranks that were not done in time."""
+        return [int(name.removeprefix("done-")) for name in self.wait_marks([f"done-{r}" for r in ranks], timeout)]
+
+    def barrier(self, name: str, rank: int, world_size: int, timeout: float) -> list[int]:
+        """Every rank marks ``name`` and waits for all the others; returns the ranks that did not come in time."""
+        self.mark(f"{name}-{rank}")
+        late = self.wait_marks([f"{name}-{r}" for r in range(world_size)], timeout)
+        return [int(n.rsplit("-", 1)[1]) for n in late]
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
