@@ -93,6 +93,12 @@ class ExpertServicer(ServicerBase):
         except Exception as e:  # noqa: BLE001 - one bad request must never stop the expert
             return self._error(what, e), []
 
+    async def _streamed(self, what: str, parsed: Awaitable[tuple[dict, list]], body: Body, *, leased: bool = True
+                        ) -> AsyncIterator[Response]:
+        """:meth:`_answer` as a streamed reply that the caller closes (see ``messages.linger``)."""
+        async for message in linger(pack(Response, *await self._answer(what, parsed, body, leased=leased))):
+            yield message
+
     # ------------------------------------------------------------------ tensor RPCs (streamed)
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, tensors: list) -> tuple[dict, list]:
@@ -103,7 +109,7 @@ class ExpertServicer(ServicerBase):
             )
             return _encoded({"tuple": is_tuple}, header, outputs, f"stage '{self.backend.name}' output")
 
-        async for message in linger(pack(Response, *await self._answer("forward", unpack_stream(requests), body))):
+        async for message in self._streamed("forward", unpack_stream(requests), body):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -112,14 +118,14 @@ class ExpertServicer(ServicerBase):
             return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
                             f"stage '{self.backend.name}' input gradient")
 
-        async for message in linger(pack(Response, *await self._answer("backward", unpack_stream(requests), body))):
+        async for message in self._streamed("backward", unpack_stream(requests), body):
             yield message
 
     async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, _: list) -> tuple[dict, list]:
             return {}, [state_to_tensor(await self._run(self.backend.get_state))]
 
-        async for message in linger(pack(Response, *await self._answer("get_state", _parse(request), body, leased=False))):
+        async for message in self._streamed("get_state", _parse(request), body, leased=False):
             yield message
 
     async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -129,7 +135,7 @@ class ExpertServicer(ServicerBase):
             await self._run(self.backend.set_state, tensor_to_state(tensors[0]))
             return {}, []
 
-        async for message in linger(pack(Response, *await self._answer("set_state", unpack_stream(requests), body))):
+        async for message in self._streamed("set_state", unpack_stream(requests), body):
             yield message
 
     # ------------------------------------------------------------------ control RPCs (unary)

@@ -44,9 +44,10 @@ class Rendezvous:
 
     def wait_peers(self, timeout: float) -> list[str]:
         """The multiaddrs rank 0 published; ``TimeoutError`` if they do not appear within ``timeout`` seconds."""
-        path = self.folder / "peers"
-        self._wait(lambda: path.exists(), timeout, f"rank 0 did not publish its swarm address in {path}")
-        return json.loads(path.read_text())
+        if self.wait_marks(["peers"], timeout):
+            raise TimeoutError(f"rank 0 did not publish its swarm address in {self.folder / 'peers'} within "
+                               f"{timeout:.0f}s")
+        return json.loads((self.folder / "peers").read_text())
 
     def mark(self, name: str) -> None:
         """Leave the mark ``name`` for the other ranks (``done-1``, ``experts``, ``started-0``, ...)."""
@@ -60,10 +61,9 @@ class Rendezvous:
         def missing() -> list[str]:
             return [n for n in names if not (self.folder / n).exists()]
 
-        try:
-            self._wait(lambda: not missing(), timeout, "")
-        except TimeoutError:
-            pass
+        deadline, poll = time.monotonic() + timeout, threading.Event()
+        while missing() and time.monotonic() < deadline:
+            poll.wait(0.2)
         return missing()
 
     def mark_done(self, rank: int) -> None:
@@ -81,11 +81,3 @@ class Rendezvous:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    @staticmethod
-    def _wait(condition, timeout: float, message: str) -> None:  # noqa: ANN001
-        deadline, poll = time.monotonic() + timeout, threading.Event()
-        while not condition():
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{message} within {timeout:.0f}s")
-            poll.wait(0.2)
