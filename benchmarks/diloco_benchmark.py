@@ -27,7 +27,9 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync, OuterState  # noqa: E402
+from lightning_distqat.diloco.config import DiLoCoConfig  # noqa: E402
+from lightning_distqat.diloco.outer import OuterState  # noqa: E402
+from lightning_distqat.diloco.sync import DiLoCoSync  # noqa: E402
 
 
 # ---------------------------------------------------------------------- data and model

@@ -57,7 +57,7 @@ def fit(codec: str, steps: int, seed: int) -> tuple[float, int]:
 def pseudo_gradients() -> list[tuple[str, float, float]]:
     from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
-    from lightning_distqat.quant.averaging import pseudo_gradient_compression
+    from lightning_distqat.diloco.compression import pseudo_gradient_compression
 
     import torchvision
 

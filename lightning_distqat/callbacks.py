@@ -1,16 +1,152 @@
-"""Lightning callbacks for swarm training."""
+"""Lightning callbacks for swarm training: the swarm's metrics for the logger, a model summary that counts the remote
+stages, and a closing summary of a fit."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary import ModelSummary as _LightningSummary
 from typing_extensions import override
 
-__all__ = ["TrainingSummary"]
+__all__ = ["SwarmMetrics", "SwarmModelSummary", "TrainingSummary", "DiLoCoInnerSteps"]
+
+
+class SwarmMetrics(Callback):
+    """Sends the swarm's series to the Trainer's loggers: ``wire/bytes_sent`` and ``wire/bytes_received`` (tensor
+    bytes of the stage calls so far, after encoding) every ``log_every_n_steps`` steps, and ``diloco/round``,
+    ``diloco/group_size``, ``diloco/bytes_sent``, ``diloco/bytes_received`` after every outer round.
+
+    :class:`~lightning_distqat.DistqatStrategy` adds one to its Trainer unless the user passed their own.
+    """
+
+    def __init__(self) -> None:
+        self._rounds_logged = 0
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._rounds_logged = 0
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        strategy = trainer.strategy
+        step = trainer.global_step
+        if getattr(strategy, "swarm_active", False) and step % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer, {f"wire/{k}": float(v) for k, v in strategy.wire_bytes().items()}, step)
+        self._log_rounds(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._log_rounds(trainer)
+
+    def _log_rounds(self, trainer: "pl.Trainer") -> None:
+        reports = getattr(trainer.strategy, "diloco_reports", [])
+        for report in reports[self._rounds_logged:]:
+            metrics = {f"diloco/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))}
+            self._log(trainer, metrics, report["inner_step"])
+        self._rounds_logged = len(reports)
+
+    @staticmethod
+    def _log(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:  # as LearningRateMonitor does; loggers write on rank 0 only
+            logger.log_metrics(metrics, step=step)
+
+
+class _Row:
+    """A row of the model summary for a module that holds remote stages (or is one)."""
+
+    def __init__(self, layer: Any, layer_type: str, params: int) -> None:
+        self._layer, self.layer_type, self.num_parameters = layer, layer_type, params
+
+    def __getattr__(self, name: str) -> Any:  # in_size, out_size, training, detach_hook
+        return getattr(self._layer, name)
+
+
+class _StageRow:
+    """A model-summary row for a remote stage that the chosen depth would not show."""
+
+    in_size = out_size = "?"
+
+    def __init__(self, layer_type: str, params: int, training: bool) -> None:
+        self.layer_type, self.num_parameters, self.training = layer_type, params, training
+
+    def detach_hook(self) -> None:
+        pass
+
+
+class SwarmModelSummary(_LightningSummary):
+    """Lightning's model summary, counting the parameters of the remote stages (which live on experts, not in the
+    proxies that stand in for them): every row holding stages counts theirs, every stage gets a row of its own typed
+    ``<Module> (remote)``, and the totals include them.
+
+    Args:
+        remote: per stage path, ``(type name of its module, parameters, trainable parameters)``.
+    """
+
+    def __init__(self, model: "pl.LightningModule", max_depth: int = 1, *,
+                 remote: Mapping[str, tuple[str, int, int]]) -> None:
+        self._remote = dict(remote)
+        super().__init__(model, max_depth)
+
+    @override
+    def summarize(self) -> dict[str, Any]:
+        rows: "OrderedDict[str, Any]" = OrderedDict()
+        for name, layer in super().summarize().items():
+            inside = [s for s in self._remote if s == name or s.startswith(name + ".")]
+            if inside:
+                kind = f"{self._remote[name][0]} (remote)" if name in self._remote else layer.layer_type
+                layer = _Row(layer, kind, layer.num_parameters + sum(self._remote[s][1] for s in inside))
+            rows[name] = layer
+            if self._max_depth != 0:
+                for stage in inside:
+                    if stage not in rows:
+                        kind, params, _ = self._remote[stage]
+                        rows[stage] = _StageRow(f"{kind} (remote)", params, self._model.training)
+        return rows
+
+    @property
+    @override
+    def total_parameters(self) -> int:
+        return super().total_parameters + sum(params for _, params, _ in self._remote.values())
+
+    @property
+    @override
+    def trainable_parameters(self) -> int:
+        return super().trainable_parameters + sum(trainable for _, _, trainable in self._remote.values())
+
+
+class CountRemoteStages:
+    """Mixed into the Trainer's ``ModelSummary`` callback (``RichModelSummary`` too) by the strategy, so the summary
+    printed at the start of ``fit`` shows the remote stages' real parameter counts."""
+
+    _max_depth: int
+
+    def _summary(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+        pipeline = getattr(trainer.strategy, "pipeline", None)
+        if pipeline is None:
+            return super()._summary(trainer, pl_module)  # type: ignore[misc]
+        totals, trainable = pipeline.param_counts(), pipeline.param_counts(trainable=True)
+        remote = {s: (type(m).__name__, totals[s], trainable[s]) for s, m in pipeline.originals.items()}
+        return SwarmModelSummary(pl_module, max_depth=self._max_depth, remote=remote)
+
+
+class DiLoCoInnerSteps(Callback):
+    """Ends a DiLoCo inner step at the end of every training batch whose optimizers stepped: a batch counts once
+    however many optimizers it steps, and the round's result is in place before other callbacks (checkpoints) see
+    the batch end. The strategy puts it first among the Trainer's callbacks."""
+
+    def __init__(self, end_of_batch: Any) -> None:
+        self._end_of_batch = end_of_batch
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._end_of_batch()
 
 
 class TrainingSummary(Callback):

@@ -6,10 +6,18 @@ child processes as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig", "QuantConfig"]
+__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig", "QuantConfig", "WIRE_CODECS", "PSEUDO_GRADIENT_CODECS",
+           "QAT_SCHEMES"]
+
+WIRE_CODECS = ("none", "fp16", "bf16", "int8", "int4")
+"""Codecs of stage inputs, outputs and gradients on the wire (``quant/codecs.py``)."""
+PSEUDO_GRADIENT_CODECS = ("none", "fp16", "int8", "int4")
+"""Codecs of DiLoCo pseudo-gradients in the averaging all-reduce."""
+QAT_SCHEMES = ("int8-int4", "int4-weight")
+"""torchao QAT schemes (``quant/qat.py``)."""
 
 
 @dataclass(kw_only=True)
@@ -199,17 +207,20 @@ class QuantConfig:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-stage overrides: stage path -> {field: value}."""
 
+    def __post_init__(self) -> None:
+        """Check every setting now, naming the field and what it accepts (per-stage overrides too)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "enabled")}
+        _check_quant(own, "QuantConfig")
+        for stage, overrides in self.stages.items():
+            unknown = set(overrides) - set(own)
+            if unknown:
+                raise ValueError(f"QuantConfig.stages['{stage}']: unknown field(s) {sorted(unknown)}; valid: "
+                                 f"{sorted(own)}")
+            _check_quant({**own, **overrides}, f"QuantConfig.stages['{stage}']")
+
     def for_stage(self, stage: str) -> "QuantConfig":
         """The settings that apply to ``stage`` (overrides applied; everything off when disabled)."""
-        from dataclasses import fields, replace
-
-        names = {f.name for f in fields(self)} - {"stages", "enabled"}
-        overrides = self.stages.get(stage, {})
-        unknown = set(overrides) - names
-        if unknown:
-            raise ValueError(f"QuantConfig.stages['{stage}']: unknown field(s) {sorted(unknown)}; valid: "
-                             f"{sorted(names)}")
-        resolved = replace(self, stages={}, **overrides)
+        resolved = replace(self, stages={}, **self.stages.get(stage, {}))
         if not self.enabled:
             resolved = replace(resolved, activations="none", gradients="none", pseudo_gradients="none", qat=None)
         return resolved
@@ -218,3 +229,18 @@ class QuantConfig:
         """(codec, block size) for ``which`` in ("activations", "gradients", "pseudo_gradients")."""
         codec = getattr(self, which)
         return codec, self.int4_block_size if codec == "int4" else self.block_size
+
+
+def _check_quant(q: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming ``where``, the field and the valid values for any bad QuantConfig setting."""
+    for name, valid in (("activations", WIRE_CODECS), ("gradients", WIRE_CODECS),
+                        ("pseudo_gradients", PSEUDO_GRADIENT_CODECS)):
+        if q[name] not in valid:
+            raise ValueError(f"{where}.{name}={q[name]!r} is not a codec; valid: {', '.join(valid)}")
+    if q["qat"] is not None and q["qat"] not in QAT_SCHEMES:
+        raise ValueError(f"{where}.qat={q['qat']!r} is not a QAT scheme; valid: {', '.join(QAT_SCHEMES)} or None")
+    for name, low in (("block_size", 2), ("int4_block_size", 2), ("qat_group_size", 1)):
+        if not isinstance(q[name], int) or q[name] < low:
+            raise ValueError(f"{where}.{name}={q[name]!r} must be an int >= {low}")
+    if q["int4_block_size"] % 2:
+        raise ValueError(f"{where}.int4_block_size={q['int4_block_size']} must be even (two 4-bit codes share a byte)")

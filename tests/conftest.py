@@ -3,7 +3,6 @@ that outlive it fail the test (the idea of Lightning's own autouse fixtures)."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 # Tests never reach the Hugging Face Hub: hub names fail at once instead of after network retries.
@@ -78,9 +77,3 @@ def no_leaks():
     if shm:
         problems.append(f"/dev/shm entries left behind: {sorted(shm)}")
     assert not problems, "; ".join(problems)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs(caplog):
-    caplog.set_level(logging.INFO, logger="lightning_distqat")
-    yield

@@ -22,9 +22,7 @@ def _loader():
 
 
 def _assert_same_optimizer_state(a: dict, b: dict) -> None:
-    assert a["param_groups"] == b["param_groups"] or [
-        {k: v for k, v in g.items()} for g in a["param_groups"]
-    ] == b["param_groups"]
+    assert a["param_groups"] == b["param_groups"]
     assert a["state"].keys() == b["state"].keys()
     for idx in a["state"]:
         for key, value in a["state"][idx].items():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
+from lightning_distqat.diloco.config import DiLoCoConfig
+from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.swarm.dht import start_dht
 
 pytestmark = [pytest.mark.swarm]
@@ -73,10 +74,12 @@ def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
     b.start()  # is unsafe
 
     for r in range(2):
-        before = [s.state.pseudo_gradients() for s in (a, b)]
+        pseudo = {}
+        reference = copy.deepcopy(a.state)  # the outer step that a's replica should take, computed by hand below
 
         def go(sync, model, opt, seed, weight):
             _inner_steps(model, opt, seed, CFG.inner_steps)
+            pseudo[weight] = sync.state.pseudo_gradients()
             return sync.round(samples=weight)
 
         outer_before = [o.detach().clone() for o in a.state.outer]
@@ -91,7 +94,9 @@ def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
             assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-8)
         assert a.state.round == b.state.round == r + 1
         assert not all(torch.equal(x, y) for x, y in zip(outer_before, a.state.outer)), "the outer step did nothing"
-        del before
+        reference.apply([(24 * pa + 8 * pb) / 32 for pa, pb in zip(pseudo[24], pseudo[8])])  # weighted by samples
+        for got, want in zip(a.state.outer, reference.outer):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), "the round is not the samples-weighted average"
 
     # a replica that starts late adopts the current outer state
     c = DiLoCoSync(list(models[2].parameters()), CFG, dht=dht_c, prefix="t_s_diloco")

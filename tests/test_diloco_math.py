@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from lightning_distqat.diloco import DiLoCoConfig, OuterState
+from lightning_distqat.diloco.config import DiLoCoConfig
+from lightning_distqat.diloco.outer import OuterState
 
 
 def _data(k: int, steps: int, seed: int = 0) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

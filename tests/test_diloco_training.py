@@ -169,6 +169,36 @@ def test_embedded_swarm_single_pipeline_runs_diloco_without_waiting():
     assert clock["end"] - clock["start"] < 30, "a lone replica waited for others"
 
 
+class _TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers, each stepped every batch (as a GAN does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        for opt, layer in zip(self.optimizers(), (self.a, self.b)):
+            opt.zero_grad()
+            self.manual_backward(torch.nn.functional.cross_entropy(layer(x), y))
+            opt.step()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+
+def test_a_batch_is_one_inner_step_however_many_optimizers_step():
+    """Data-parallel DiLoCo (no stages) on a module with two manual optimizers: 6 batches (12 optimizer steps) at H=2
+    are 3 rounds."""
+    from lightning_distqat import DiLoCoConfig, DistqatStrategy
+    from tests.helpers import quiet_trainer, toy_loader
+
+    strategy = DistqatStrategy(diloco=DiLoCoConfig(inner_steps=2))
+    quiet_trainer(max_steps=12, strategy=strategy).fit(_TwoOptimizers(), toy_loader(n=48, batch_size=8))
+    assert [(r["inner_step"], r["round"]) for r in strategy.diloco_reports] == [(2, 1), (4, 2), (6, 3)]
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("mode", ["pipeline", "data"])
 def test_trainer_devices_2_runs_two_replicas(tmp_path, mode):

@@ -13,7 +13,7 @@ import pytest
 
 from lightning_distqat import DistqatStrategy, PipelineUnavailableError, SwarmConfig
 from lightning_distqat.swarm.dht import start_dht
-from lightning_distqat.swarm.pipeline import SwarmClient
+from lightning_distqat.swarm.client import SwarmClient
 from lightning_distqat.swarm.records import stage_fingerprint
 from tests.helpers import ThreeStageNet, fit_params, max_rel_diff
 

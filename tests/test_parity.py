@@ -1,15 +1,36 @@
-"""Parity: a 3-stage pipeline through DistqatStrategy gives the parameters that plain Lightning gives."""
+"""Parity: a 3-stage pipeline through DistqatStrategy gives the parameters that plain Lightning gives.
+
+One swarm of experts serves every test of this module: each fit joins it (``initial_peers``), seeds the experts with
+its own weights, configures their optimizers afresh and releases them at the end."""
 
 from __future__ import annotations
 
 import pytest
 
 from lightning_distqat import DistqatStrategy
+from lightning_distqat.config import ExpertConfig
+from lightning_distqat.swarm.dht import start_dht
+from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from tests.helpers import ThreeStageNet, fit_params, max_rel_diff
 
 STAGES = ["stem", "body", "head"]
 
 pytestmark = [pytest.mark.swarm]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    net = ThreeStageNet()
+    experts = EmbeddedSwarm({s: net.get_submodule(s) for s in STAGES}, expert_config=ExpertConfig(experiment="parity"))
+    experts.launch()
+    dht = start_dht()
+    try:
+        maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        experts.start(maddrs)
+        yield maddrs
+    finally:
+        experts.shutdown()
+        dht.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -20,17 +41,23 @@ pytestmark = [pytest.mark.swarm]
         ("sgd", False, {"accumulate_grad_batches": 2}),
         ("adamw", True, {}),
         ("sgd", True, {"gradient_clip_val": 0.05}),
+        ("sgd", False, {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"}),
     ],
-    ids=["sgd-momentum", "adamw-two-groups", "accumulate-2", "adamw-steplr", "sgd-steplr-clip-norm"],
+    ids=["sgd-momentum", "adamw-two-groups", "accumulate-2", "adamw-steplr", "sgd-steplr-clip-norm",
+         "sgd-clip-value"],
 )
-def test_parameters_match_plain_lightning(optimizer, scheduler, trainer_kwargs):
+def test_parameters_match_plain_lightning(peers, optimizer, scheduler, trainer_kwargs):
     def make():
         return ThreeStageNet(optimizer=optimizer, scheduler=scheduler)
 
     local, _ = fit_params(make, max_steps=5, **trainer_kwargs)
-    remote, trainer = fit_params(make, max_steps=5, strategy=DistqatStrategy(stages=STAGES), **trainer_kwargs)
+    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity")
+    remote, trainer = fit_params(make, max_steps=5, strategy=strategy, **trainer_kwargs)
 
     assert trainer.global_step == 5
+    if "gradient_clip_val" in trainer_kwargs:  # the clipping at hand changes the result, so parity covers it
+        unclipped, _ = fit_params(make, max_steps=5)
+        assert max_rel_diff(unclipped.state_dict(), local.state_dict()) > 1e-3
     diff = max_rel_diff(remote.state_dict(), local.state_dict())
     assert diff <= 1e-5, f"max relative parameter difference {diff:.2e}"
     # the module is whole again: original submodules back in place, trained

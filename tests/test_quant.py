@@ -7,7 +7,7 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 
 from lightning_distqat.config import QuantConfig
-from lightning_distqat.quant.averaging import pseudo_gradient_compression
+from lightning_distqat.diloco.compression import pseudo_gradient_compression
 from lightning_distqat.quant.codecs import QuantizationError, decode, decode_all, encode, encode_all, payload_bytes
 
 
@@ -85,7 +85,20 @@ def test_quant_config_overrides_and_the_single_switch():
     assert (off.for_stage("body").activations, off.for_stage("body").pseudo_gradients, off.for_stage("body").qat) \
         == ("none", "none", None)
     with pytest.raises(ValueError, match=r"QuantConfig.stages\['head'\]: unknown field\(s\) \['activation'\]"):
-        QuantConfig(stages={"head": {"activation": "int8"}}).for_stage("head")
+        QuantConfig(stages={"head": {"activation": "int8"}})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(activations="int3"), r"QuantConfig.activations='int3' is not a codec; valid: none, fp16, bf16, int8, int4"),
+    (dict(pseudo_gradients="bf16"), r"QuantConfig.pseudo_gradients='bf16' is not a codec; valid: none, fp16, int8"),
+    (dict(qat="int2"), r"QuantConfig.qat='int2' is not a QAT scheme; valid: int8-int4, int4-weight or None"),
+    (dict(stages={"head": {"gradients": "int9"}}), r"QuantConfig.stages\['head'\].gradients='int9' is not a codec"),
+    (dict(int4_block_size=31), r"QuantConfig.int4_block_size=31 must be even"),
+    (dict(block_size=0), r"QuantConfig.block_size=0 must be an int >= 2"),
+])
+def test_bad_quant_settings_fail_at_construction_naming_field_and_valid_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
 
 
 @pytest.mark.parametrize("codec,max_ratio", [("fp16", 0.51), ("int8", 0.26), ("int4", 0.141)])
@@ -112,6 +125,5 @@ def test_quant_presets_build_quant_configs():
     assert {p.stem for p in presets} >= {"none", "fp16_wire", "int8_wire", "int4_wire", "qat_int8_int4"}
     for preset in presets:
         q = instantiate(OmegaConf.load(preset))
-        assert isinstance(q, QuantConfig), preset
-        q.for_stage("any")  # resolves
+        assert isinstance(q, QuantConfig), preset  # a QuantConfig checks every setting as it is built
     assert instantiate(OmegaConf.load(presets[0].with_name("none.yaml"))).for_stage("x").activations == "none"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from lightning_distqat import DataConfig, DistqatStrategy, QuantConfig, SharedMemoryDataModule
+from lightning_distqat import DataConfig, DistqatStrategy, ExpertError, QuantConfig, SharedMemoryDataModule
 from lightning_distqat.models import ResNetClassifier
 from lightning_distqat.quant.export import export_quantized, load_quantized
 from lightning_distqat.quant.qat import fake_quantized_linears, prepare
@@ -74,7 +74,7 @@ class _ExpertReport(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 0:
-            self.info = {s: h.info() for s, h in trainer.strategy._handles.items()}
+            self.info = {s: h.info() for s, h in trainer.strategy.pipeline.handles.items()}
 
 
 def _eval_loss(model, loader) -> float:
@@ -83,14 +83,16 @@ def _eval_loss(model, loader) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_qat_on_experts_and_export_to_torchao(tmp_path):
-    quant = QuantConfig(qat="int8-int4", qat_group_size=16, stages={"head": {"qat": None}})
+@pytest.mark.parametrize("scheme", ["int8-int4", "int4-weight"])
+def test_qat_on_experts_and_export_to_torchao(tmp_path, scheme):
+    quant = QuantConfig(qat=scheme, qat_group_size=16, stages={"head": {"qat": None}})
     torch.manual_seed(0)
     model = ThreeStageNet()
     report = _ExpertReport()
     trainer = quiet_trainer(max_steps=30, callbacks=[report],
                             strategy=DistqatStrategy(stages=["stem", "body", "head"], quant=quant))
     trainer.fit(model, toy_loader(n=240, batch_size=16))
+    assert report.info["body"]["qat"] == [scheme, 16]
     assert report.info["stem"]["fake_quantized_linears"] == 1 and report.info["body"]["fake_quantized_linears"] == 2
     assert report.info["head"]["fake_quantized_linears"] == 0 and report.info["head"]["qat"] is None
     assert fake_quantized_linears(model) == 0, "the module that comes home is plain torch"
@@ -100,7 +102,7 @@ def test_qat_on_experts_and_export_to_torchao(tmp_path):
     held_out = toy_loader(n=256, batch_size=64, seed=7)
     qat_model = copy.deepcopy(model)
     for stage in ("stem", "body"):  # what the experts computed: the same fake quantizers
-        prepare(qat_model.get_submodule(stage), "int8-int4", 16)
+        prepare(qat_model.get_submodule(stage), scheme, 16)
     qat_loss = _eval_loss(qat_model, held_out)
     exported = export_quantized(copy.deepcopy(model), ["stem", "body", "head"], quant, str(tmp_path / "q.pt"))
     assert type(exported.body[0].weight).__name__ == "IntxUnpackedToInt8Tensor"
@@ -112,7 +114,8 @@ def test_qat_on_experts_and_export_to_torchao(tmp_path):
     out = tmp_path / "cli.pt"
     result = subprocess.run(
         [str(Path(sys.executable).with_name("distqat-export")), "model._target_=tests.helpers.ThreeStageNet",
-         f"checkpoint={ckpt}", "stages=[stem,body,head]", "quant.qat_group_size=16", "+quant.stages={head: {qat: null}}",
+         f"checkpoint={ckpt}", "stages=[stem,body,head]", f"quant.qat={scheme}", "quant.qat_group_size=16",
+         "+quant.stages={head: {qat: null}}",
          f"output={out}", f"hydra.run.dir={tmp_path}/hydra"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -122,6 +125,6 @@ def test_qat_on_experts_and_export_to_torchao(tmp_path):
 def test_qat_group_size_that_does_not_fit_is_a_clear_error():
     quant = QuantConfig(qat="int8-int4", qat_group_size=16)
     trainer = quiet_trainer(max_steps=1, strategy=DistqatStrategy(stages=["stem", "body"], quant=quant))
-    with pytest.raises(Exception, match=r"stage 'body': qat_group_size=16 must divide the in_features of every "
+    with pytest.raises(ExpertError, match=r"stage 'body': qat_group_size=16 must divide the in_features of every "
                                         r"linear layer; it does not for 0 \(in_features=24\)"):
         trainer.fit(ThreeStageNet(width=24), toy_loader())

@@ -9,12 +9,11 @@ import torch
 from hivemind.proto import runtime_pb2
 from torch import nn
 
-from lightning_distqat.expert.backend import StageBackend
-from lightning_distqat.swarm.messages import (CHUNK_BYTES, pack, state_to_tensor, tensor_to_state, unpack,
-                                              unpack_stream)
+from lightning_distqat.expert.backend import StageBackend, StageError
+from lightning_distqat.swarm.client import rank_candidates
+from lightning_distqat.swarm.messages import (CHUNK_BYTES, flatten_structure, pack, state_to_tensor, tensor_to_state,
+                                              unpack, unpack_stream)
 from lightning_distqat.swarm.optimizers import OptimizerSplit
-from lightning_distqat.swarm.pipeline import rank_candidates
-from lightning_distqat.swarm.remote import _layout
 from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_fingerprint
 
 
@@ -150,7 +149,7 @@ def test_a_repeated_backward_is_answered_again_without_accumulating_twice():
     torch.manual_seed(0)
     backend = StageBackend("s", nn.Linear(4, 3))
     x = torch.randn(2, 4)
-    layout, tensors = _layout("s", (x,), {})
+    layout, tensors = flatten_structure(((x,), {}))
     outputs, _ = backend.forward("r1", layout, tensors, training=True, need_grad=True)
     g = torch.ones_like(outputs[0])
     first = backend.backward("r1", [g])
@@ -158,3 +157,33 @@ def test_a_repeated_backward_is_answered_again_without_accumulating_twice():
     again = backend.backward("r1", [g])
     assert torch.equal(first[0], again[0])
     assert torch.equal(backend.module.weight.grad, weight_grad), "a repeated backward must not accumulate again"
+
+
+def test_backward_with_too_few_output_grads_is_refused_before_anything_runs():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            y = self.lin(x)
+            return y, 2 * y
+
+    backend = StageBackend("s", Two())
+    layout, tensors = flatten_structure(((torch.randn(4, 3),), {}))
+    outputs, _ = backend.forward("r", layout, tensors, training=True, need_grad=True)
+    assert len(outputs) == 2
+    with pytest.raises(StageError, match="backward got 1 output grads for 2 outputs"):
+        backend.backward("r", [torch.ones(4, 2)])
+    assert backend.module.lin.weight.grad is None, "nothing may be accumulated from a refused backward"
+    backend.backward("r", [torch.ones(4, 2), torch.ones(4, 2)])  # the context survived the refused call
+    assert backend.module.lin.weight.grad is not None
+
+
+def test_the_strategy_leaves_the_callers_configs_alone():
+    from lightning_distqat import DistqatStrategy, SwarmConfig
+
+    swarm = SwarmConfig()
+    strategy = DistqatStrategy(stages=["a"], swarm=swarm, experiment="other", initial_peers=["/ip4/1.2.3.4/tcp/1"])
+    assert (swarm.experiment, swarm.initial_peers) == ("distqat", None)
+    assert (strategy.swarm_config.experiment, strategy.swarm_config.initial_peers) == ("other", ["/ip4/1.2.3.4/tcp/1"])

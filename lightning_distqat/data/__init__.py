@@ -1,7 +1,5 @@
-"""Data for trainers: the shared-memory data server (``distqat-data``), its datamodule, and dataset loading."""
+"""Data for trainers: the shared-memory data server (``server``, ``distqat-data``), the trainer's client (``client``)
+and datamodule (``datamodule``), dataset loading (``sources``), per-task collation (``tasks``), shared memory
+(``shm``) and the epoch plan (``order``). The public names are exported by ``lightning_distqat``.
 
-from lightning_distqat.data.datamodule import SharedMemoryDataModule
-from lightning_distqat.data.errors import DataServerError, DataSourceError
-from lightning_distqat.data.server import DataServer
-
-__all__ = ["SharedMemoryDataModule", "DataServer", "DataServerError", "DataSourceError"]
+This package imports nothing here: the data server's own process loads only what it uses, without Lightning."""

@@ -1,7 +1,7 @@
 """Entry point of the embedded data server's process: ``python -m lightning_distqat.data.child CONFIG_JSON PARENT_PID``.
 
-Prints one JSON line (``{"address", "info"}`` or ``{"error", "message"}``), then serves until its stdin closes, its
-parent dies, or SIGTERM.
+Prints one JSON line (``{"address"}`` or ``{"error", "message"}``), then serves until its stdin closes, its parent
+dies, or SIGTERM. It imports the data server and torch, never Lightning or hivemind.
 """
 
 from __future__ import annotations
@@ -9,24 +9,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import threading
 
+from lightning_distqat._process import die_with_parent
 from lightning_distqat.config import DataConfig
 
 
-def main(cfg_json: str, parent_pid: int) -> int:
-    from lightning_distqat.data.server import DataServer
-    from lightning_distqat.swarm.dht import die_with_parent
+def _set_on_eof(fd: int, event: threading.Event) -> None:
+    def _watch() -> None:
+        while os.read(fd, 4096):
+            pass
+        event.set()
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch, name="distqat-data-stdin", daemon=True).start()
+
+
+def main(cfg_json: str, parent_pid: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the trainer, which stops this server
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        return 1
     logging.basicConfig(level=logging.WARNING, format="[data server] %(levelname)s %(name)s: %(message)s")
     import torch
+
+    from lightning_distqat.data.server import DataServer
 
     torch.set_num_threads(1)  # the trainer owns the cores; batches are prepared one at a time
     server = DataServer(DataConfig(**json.loads(cfg_json)))
@@ -36,11 +46,9 @@ def main(cfg_json: str, parent_pid: int) -> int:
         except Exception as e:
             print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
             return 1
-        print(json.dumps({"address": server.address, "info": server.info()}), flush=True)
-        while not stop.is_set() and os.getppid() == parent_pid:
-            readable, _, _ = select.select([sys.stdin], [], [], 0.5)
-            if readable and not sys.stdin.readline():  # EOF: the parent closed our stdin (or died)
-                break
+        print(json.dumps({"address": server.address}), flush=True)
+        _set_on_eof(sys.stdin.fileno(), stop)  # the parent closed our stdin (or died)
+        stop.wait()
         return 0
     finally:
         server.shutdown()

@@ -15,7 +15,7 @@ import select
 import subprocess
 import sys
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Optional
 
 from lightning_distqat.config import DataConfig
 from lightning_distqat.data.errors import DataServerError, DataSourceError
@@ -32,12 +32,7 @@ class EmbeddedDataServer:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.address: Optional[str] = None
-        self.info: dict[str, Any] = {}
         self._proc: Optional[subprocess.Popen] = None
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> str:
         """Start the child and wait (``cfg.startup_timeout``) until it listens; returns its address. Errors in the
@@ -67,7 +62,7 @@ class EmbeddedDataServer:
             self.shutdown()
             cls = DataSourceError if reply["error"] == "DataSourceError" else DataServerError
             raise cls(reply["message"])
-        self.address, self.info = reply["address"], reply["info"]
+        self.address = reply["address"]
         log.info("Data server (embedded, pid %d) serves '%s' at %s", self._proc.pid, self.cfg.source, self.address)
         return self.address
 

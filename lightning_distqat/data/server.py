@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import select
 import socket
 import tempfile
 import threading
@@ -39,9 +38,8 @@ __all__ = ["DataServer", "default_address", "compatibility_key"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
-_POLL = 0.2
-_RECONNECT_GRACE = 10 * _POLL  # seconds a reconnecting trainer waits for its old session to end
+_RECONNECT_GRACE = 2.0
+"""Seconds a reconnecting trainer waits for its old session to end (it ends as soon as it reads the close)."""
 
 
 def default_address(cfg: DataConfig, suffix: str = "") -> str:
@@ -159,11 +157,8 @@ class DataServer:
     def _listen(self) -> None:
         self._check_address_free()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # only this user may connect
-        try:
-            sock.bind(self.address)
-        finally:
-            os.umask(old_umask)
+        os.fchmod(sock.fileno(), 0o600)  # the socket file is created with this mode: only this user may connect
+        sock.bind(self.address)
         sock.listen(64)
         self._sock = sock
         self._accept_thread = threading.Thread(target=self._accept_loop, name="distqat-data-accept", daemon=True)
@@ -172,12 +167,18 @@ class DataServer:
     def shutdown(self) -> None:
         """Stop accepting, end every trainer's stream, unlink all segments and the socket. Idempotent."""
         self._stop.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
             self._accept_thread = None
         with self._lock:
             sessions = list(self._sessions)
-        for session in sessions:  # each sees the stop flag within one poll and cleans up after itself
+        for session in sessions:  # each wakes up as its connection shuts down, and cleans up after itself
+            session.close()
             session.join(timeout=15)
         self._close_caches()
         if self._sock is not None:
@@ -197,15 +198,15 @@ class DataServer:
     def _accept_loop(self) -> None:
         assert self._sock is not None
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._sock], [], [], _POLL)
-            if not ready:
-                continue
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
+                sock, _ = self._sock.accept()
+            except OSError:  # shut down (or a connection that failed on its way in)
                 continue
-            session = _Session(self, Connection(conn.detach()))
+            session = _Session(self, sock)
             with self._lock:
+                if self._stop.is_set():
+                    sock.close()
+                    return
                 self._sessions.add(session)
             session.start()
 
@@ -291,32 +292,38 @@ class DataServer:
 class _Session(threading.Thread):
     """One trainer connection: answers its requests and runs the producer of its current stream."""
 
-    def __init__(self, server: DataServer, conn: Connection) -> None:
+    def __init__(self, server: DataServer, sock: socket.socket) -> None:
         super().__init__(name="distqat-data-session", daemon=True)
-        self.server, self.conn = server, conn
+        self.server, self.sock = server, sock
+        self.conn = Connection(os.dup(sock.fileno()))
         self.alive = True
         self._stream: Optional[_Stream] = None
+
+    def close(self) -> None:
+        """End the session from another thread: its blocked ``recv`` returns at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def run(self) -> None:
         try:
             while not self.server._stop.is_set():
-                if not self.conn.poll(_POLL):
-                    continue
-                message = self.conn.recv()
-                reply = self._handle(message)
+                reply = self._handle(self.conn.recv())
                 if reply is not None:
                     self.conn.send(reply)
         except (EOFError, OSError):
-            pass  # the trainer went away (normal exit or crash); what it acknowledged is kept
+            pass  # the trainer went away (normal exit or crash), or the server stops; what was acknowledged is kept
         finally:
             self.alive = False
             if self._stream is not None:
                 self._stream.stop()
             self.server.release(self)
-            try:
-                self.conn.close()
-            except OSError:
-                pass
+            for closing in (self.conn.close, self.sock.close):
+                try:
+                    closing()
+                except OSError:
+                    pass
 
     def _handle(self, message: tuple) -> Optional[tuple]:
         kind = message[0]
@@ -359,7 +366,7 @@ class _Stream:
         if self._cached:
             return
         self._slots = [Slot() for _ in range(server.cfg.prefetch + 1)]
-        self._free: queue.Queue[Slot] = queue.Queue()
+        self._free: queue.Queue[Optional[Slot]] = queue.Queue()
         for slot in self._slots:
             self._free.put(slot)
         self._ready: queue.Queue[tuple] = queue.Queue()
@@ -383,12 +390,9 @@ class _Stream:
             self._ready.put(("error", type(e).__name__, f"the data server failed to prepare a batch: {e}"))
 
     def _take_free(self) -> Optional[Slot]:
-        while not self._stop.is_set():
-            try:
-                return self._free.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-        return None
+        """A free slot, or None once the stream stops (``stop`` puts None in the queue)."""
+        slot = None if self._stop.is_set() else self._free.get()
+        return None if self._stop.is_set() else slot
 
     def next(self) -> tuple:
         if self._cached:
@@ -400,22 +404,19 @@ class _Stream:
         if self._handed is not None:  # the trainer copied it out before asking again
             self._free.put(self._handed)
             self._handed = None
-        while not self._stop.is_set():
-            try:
-                item = self._ready.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-            if item[0] != "batch":
-                self._ready.put(item)  # "end" and errors answer every later request too
-                return item
-            _, index, slot, layout = item
-            self._handed = slot
-            return ("batch", index, slot.name, layout)
-        return ("error", "DataServerError", "the data server is shutting down")
+        item = self._ready.get()
+        if item[0] != "batch":
+            self._ready.put(item)  # "end" and errors answer every later request too
+            return item
+        _, index, slot, layout = item
+        self._handed = slot
+        return ("batch", index, slot.name, layout)
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
+            self._free.put(None)  # wakes the producer
+            self._ready.put(("error", "DataServerError", "the data server is shutting down"))
             self._thread.join(timeout=10)
         for slot in self._slots:
             slot.close()

@@ -6,15 +6,16 @@ concurrent.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
 import torch
+from hivemind.utils.performance_ema import PerformanceEMA
 from torch import nn
 
+from lightning_distqat.swarm.messages import LayoutError, flatten_structure, pack_structure
 from lightning_distqat.swarm.records import stage_fingerprint
 
 __all__ = ["StageBackend", "StageError", "build_call", "import_optimizer"]
@@ -25,11 +26,12 @@ class StageError(RuntimeError):
 
 
 def import_optimizer(path: str) -> type[torch.optim.Optimizer]:
-    """Import ``"package.module.Class"`` and check that it is a torch optimizer."""
-    module_name, _, cls_name = path.rpartition(".")
+    """Import ``"package.module.Class"`` (``hydra.utils.get_class``) and check that it is a torch optimizer."""
+    from hydra.utils import get_class
+
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as e:
+        cls = get_class(path)
+    except (ImportError, ValueError) as e:
         raise StageError(f"optimizer class {path!r} cannot be imported on this expert ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise StageError(f"{path!r} is not a torch.optim.Optimizer subclass")
@@ -37,21 +39,14 @@ def import_optimizer(path: str) -> type[torch.optim.Optimizer]:
 
 
 def build_call(layout: dict[str, Any], tensors: Sequence[torch.Tensor]) -> tuple[list[Any], dict[str, Any]]:
-    """Rebuild ``(args, kwargs)`` from a call layout (see ``RemoteStage``) and the tensors that came with it."""
-    tensors = list(tensors)
-
-    def _take(entry: Any) -> Any:
-        if entry == "t":
-            if not tensors:
-                raise StageError("request carries fewer tensors than its layout names")
-            return tensors.pop(0)
-        return entry[1]
-
-    args = [_take(entry) for entry in layout.get("args", [])]
-    kwargs = {name: _take(entry) for name, entry in layout.get("kwargs", {}).items()}
-    if tensors:
-        raise StageError(f"request carries {len(tensors)} more tensors than its layout names")
-    return args, kwargs
+    """Rebuild ``(args, kwargs)`` from a call layout (``messages.flatten_structure``) and its tensors."""
+    try:
+        args, kwargs = pack_structure(layout, tensors)
+    except (ValueError, KeyError, TypeError, StopIteration) as e:
+        raise StageError(f"the request's layout does not match its tensors ({type(e).__name__}: {e})") from None
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise StageError("the request's layout is not (args, kwargs)")
+    return list(args), kwargs
 
 
 class StageBackend:
@@ -71,30 +66,29 @@ class StageBackend:
         self._answered: "OrderedDict[str, list[Optional[torch.Tensor]]]" = OrderedDict()
         """The last few backward answers, so that a repeated backward (its answer was lost) is answered again
         without accumulating the parameter gradients twice."""
-        self.samples_seen = 0
-        self.busy_seconds = 0.0
+        self.performance = PerformanceEMA(alpha=0.1, paused=True)
+        """Recent samples per second of forward and backward work (an exponential moving average)."""
         self.qat: Optional[tuple[str, int]] = None
 
     # ------------------------------------------------------------------ forward / backward
     def forward(
         self, request_id: str, layout: dict[str, Any], tensors: list[torch.Tensor], *, training: bool, need_grad: bool
-    ) -> tuple[list[torch.Tensor], bool]:
-        """Run the stage. Returns the output tensors and whether the module returned a tuple."""
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Run the stage. Returns the output's tensors and its layout (``messages.flatten_structure``)."""
         start = time.perf_counter()
-        args, kwargs = build_call(layout, [t.to(self.device) for t in tensors])
-        leaves = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        leaves = [t.to(self.device) for t in tensors]
         if need_grad:
             for t in leaves:
                 if t.is_floating_point():
                     t.requires_grad_(True)
+        args, kwargs = build_call(layout, leaves)
         self.module.train(training)
         with torch.set_grad_enabled(need_grad):
             out = self.module(*args, **kwargs)
-        is_tuple = isinstance(out, (tuple, list))
-        outputs = list(out) if is_tuple else [out]
-        for i, o in enumerate(outputs):
-            if not isinstance(o, torch.Tensor):
-                raise StageError(f"stage output {i} is a {type(o).__name__}; stages must return tensors")
+        try:
+            out_layout, outputs = flatten_structure(out, "the stage's output")
+        except LayoutError as e:
+            raise StageError(str(e)) from None
         if need_grad:
             self._pending[request_id] = (leaves, outputs)
             while len(self._pending) > self.max_pending:
@@ -102,8 +96,8 @@ class StageBackend:
                 self._dropped[dropped] = None
                 while len(self._dropped) > 10 * self.max_pending:
                     self._dropped.popitem(last=False)
-        self._account(start, outputs)
-        return [o.detach() for o in outputs], is_tuple
+        self._account(start, leaves)
+        return [o.detach() for o in outputs], out_layout
 
     def backward(self, request_id: str, grad_outputs: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         """Backpropagate through a saved forward; accumulate parameter grads; return grads of the float inputs."""
@@ -118,9 +112,9 @@ class StageBackend:
                 )
             raise StageError(f"no forward with id {request_id} is waiting for backward on this expert")
         leaves, outputs = self._pending[request_id]
-        pairs = [(o, g.to(self.device)) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
         if len(grad_outputs) != len(outputs):
             raise StageError(f"backward got {len(grad_outputs)} output grads for {len(outputs)} outputs")
+        pairs = [(o, g.to(self.device)) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
         for o, g in pairs:
             if o.shape != g.shape or o.dtype != g.dtype:
                 raise StageError(
@@ -133,20 +127,21 @@ class StageBackend:
         self._answered[request_id] = grads
         while len(self._answered) > 4:
             self._answered.popitem(last=False)
-        self.busy_seconds += time.perf_counter() - start
+        self._account(start, leaves)
         return grads
 
-    def _account(self, start: float, outputs: list[torch.Tensor]) -> None:
-        self.busy_seconds += time.perf_counter() - start
-        if outputs and outputs[0].dim() > 0:
-            self.samples_seen += outputs[0].shape[0]
+    def _account(self, start: float, inputs: list[torch.Tensor]) -> None:
+        """Count a forward or backward of ``inputs`` (their leading dimension is the batch) in :attr:`performance`."""
+        samples = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
+        self.performance.update(max(1, samples), interval=time.perf_counter() - start)
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     @property
     def throughput(self) -> float:
-        return self.samples_seen / self.busy_seconds if self.busy_seconds > 0 else 0.0
+        """Recent samples per second of this stage's forward and backward work (0 before any)."""
+        return self.performance.samples_per_second if self.performance.num_updates else 0.0
 
     # ------------------------------------------------------------------ optimizers
     def prepare_qat(self, scheme: Optional[str], group_size: int) -> None:
@@ -187,22 +182,22 @@ class StageBackend:
         self.optimizers[index] = cls(groups, **defaults)
 
     def grad_norm(self, norm_type: float = 2.0) -> float:
-        """Norm of this stage's gradients (as ``torch.nn.utils.clip_grad_norm_`` computes it, before clipping)."""
+        """Norm of this stage's gradients (``torch.nn.utils.get_total_norm``, as clipping computes it)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
-        return float(torch.linalg.vector_norm(torch.stack(norms), norm_type))
+        return float(torch.nn.utils.get_total_norm(grads, norm_type)) if grads else 0.0
 
     def step(
         self,
         index: int,
         group_hparams: list[dict[str, Any]],
         *,
-        grad_scale: Optional[float] = None,
+        clip_norm: Optional[Sequence[float]] = None,
         clip_value: Optional[float] = None,
     ) -> None:
-        """One inner optimizer step with the trainer's current hyperparameters, then zero the grads."""
+        """One inner optimizer step with the trainer's current hyperparameters, then zero the grads.
+
+        ``clip_norm``: ``(max_norm, total_norm)``, clipping by the norm over every stage (the trainer computed it);
+        ``clip_value``: clipping by value."""
         if index not in self.optimizers:
             raise StageError(f"optimizer {index} was never configured on stage '{self.name}'")
         optimizer = self.optimizers[index]
@@ -211,11 +206,11 @@ class StageBackend:
         for group, hparams in zip(optimizer.param_groups, group_hparams):
             group.update(hparams)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grad_scale is not None and params:
-            torch._foreach_mul_([p.grad for p in params], grad_scale)
-        if clip_value is not None:
-            for p in params:
-                p.grad.clamp_(-clip_value, clip_value)
+        if clip_norm is not None and params:
+            max_norm, total_norm = clip_norm
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(float(total_norm)))
+        if clip_value is not None and params:
+            torch.nn.utils.clip_grad_value_(params, clip_value)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._pending.clear()  # any forward not yet backpropagated belongs to a finished step

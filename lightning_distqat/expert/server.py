@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import multiprocessing
-import os
 import signal
 import threading
-import traceback
-from multiprocessing.connection import Connection
+import time
 from typing import Any, Callable, Optional
 
-import torch
 from hivemind.utils import get_dht_time
 from torch import nn
 
 from lightning_distqat.config import ExpertConfig
-from lightning_distqat.diloco import DiLoCoSync
+from lightning_distqat.diloco.config import group_prefix
+from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend
 from lightning_distqat.expert.servicer import ExpertServicer
-from lightning_distqat.swarm.dht import die_with_parent, start_dht
-from lightning_distqat.swarm.records import ExpertRecord, averaging_prefix, stage_key
+from lightning_distqat.swarm.dht import start_dht
+from lightning_distqat.swarm.records import ExpertRecord, stage_key
 
-__all__ = ["ExpertServer", "run_embedded_expert"]
+__all__ = ["ExpertServer"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +29,7 @@ class ExpertServer:
     """Hosts one stage. ``run()`` blocks until :meth:`shutdown` is called or (main thread) SIGINT/SIGTERM arrives.
 
     ``on_ready(info)`` is called once the expert serves requests and has announced itself; ``info`` holds its
-    ``peer_id`` and ``maddrs``.
+    ``peer_id``, ``maddrs`` and ``timings`` (``time.time()`` when its DHT node had joined and when it served).
     """
 
     def __init__(
@@ -42,12 +38,11 @@ class ExpertServer:
         module: nn.Module,
         *,
         on_ready: Optional[Callable[[dict[str, Any]], None]] = None,
-        handle_signals: bool = True,
     ) -> None:
         self.config = config
         self.module = module
         self.on_ready = on_ready
-        self.handle_signals = handle_signals
+        self.timings: dict[str, float] = {}
         self.servicer: Optional[ExpertServicer] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
@@ -58,15 +53,19 @@ class ExpertServer:
         """Ask a running server to stop (thread-safe). ``run()`` returns once it has."""
         self._stop_requested.set()
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop has closed: the server has stopped already
+                pass
 
     def run(self) -> None:
         cfg = self.config
         backend = StageBackend(cfg.stage, self.module, device=cfg.device, max_pending=cfg.max_pending_backward)
         dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs)
+        self.timings["joined"] = time.time()
         heartbeat: Optional[threading.Thread] = None
         try:
-            prefix = averaging_prefix(cfg.experiment, cfg.stage)
+            prefix = group_prefix(cfg.experiment, cfg.stage)
             self.servicer = ExpertServicer(
                 backend, dht.peer_id.to_base58(),
                 make_sync=lambda config, solo: DiLoCoSync(
@@ -89,7 +88,7 @@ class ExpertServer:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         if self._stop_requested.is_set():
             return
-        if self.handle_signals and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
         p2p = await dht.replicate_p2p()
@@ -102,8 +101,9 @@ class ExpertServer:
                 "expert ready: stage '%s' (fingerprint %s) as peer %s on %s",
                 self.config.stage, self.servicer.backend.fingerprint, self.servicer.peer_id, ", ".join(maddrs),
             )
+            self.timings["serving"] = time.time()
             if self.on_ready is not None:
-                self.on_ready({"peer_id": self.servicer.peer_id, "maddrs": maddrs})
+                self.on_ready({"peer_id": self.servicer.peer_id, "maddrs": maddrs, "timings": dict(self.timings)})
             await self._stop.wait()
         finally:
             await self.servicer.remove_p2p_handlers(p2p)
@@ -138,32 +138,3 @@ class ExpertServer:
             except Exception:  # noqa: BLE001 - a missed heartbeat is logged; the next one may go through
                 log.warning("heartbeat failed", exc_info=True)
 
-
-def run_embedded_expert(config: ExpertConfig, module_blob: bytes, conn: Connection, log_level: int) -> None:
-    """Entry point of an expert process started by the embedded swarm (``multiprocessing`` spawn target).
-
-    The process leads its own process group (so its owner can end it with its DHT and p2pd children in one call) and
-    receives SIGTERM when its owner dies, so it never outlives the trainer.
-    """
-    # hivemind's background processes (DHT, averager) are built for fork, which a process started by multiprocessing's
-    # spawn would not use by default; make this process behave like a standalone `distqat-expert`.
-    multiprocessing.set_start_method("fork", force=True)
-    parent = os.getppid()
-    os.setpgid(0, 0)
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() != parent:
-        return
-    logging.basicConfig(level=logging.WARNING, format=f"[expert {config.stage}] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lightning_distqat").setLevel(log_level)
-    try:
-        module = torch.load(io.BytesIO(module_blob), weights_only=False)  # our own parent pickled it
-        server = ExpertServer(config, module, on_ready=lambda info: conn.send(("ready", info)))
-        server.run()
-    except BaseException:  # noqa: BLE001 - report any start-up failure to the owner, then exit non-zero
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except (OSError, ValueError):
-            pass
-        raise SystemExit(1)
-    finally:
-        conn.close()

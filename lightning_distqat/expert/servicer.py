@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
-from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
+from lightning_distqat.diloco.config import DiLoCoConfig
+from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
 from lightning_distqat.swarm.messages import linger, pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
@@ -103,11 +104,11 @@ class ExpertServicer(ServicerBase):
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, tensors: list) -> tuple[dict, list]:
             tensors = _decoded(header, tensors)
-            outputs, is_tuple = await self._run(
+            outputs, layout = await self._run(
                 self.backend.forward, header["request_id"], header["layout"], tensors,
                 training=bool(header["training"]), need_grad=bool(header["need_grad"]),
             )
-            return _encoded({"tuple": is_tuple}, header, outputs, f"stage '{self.backend.name}' output")
+            return _encoded({"layout": layout}, header, outputs, f"stage '{self.backend.name}' output")
 
         async for message in self._streamed("forward", unpack_stream(requests), body):
             yield message
@@ -159,7 +160,7 @@ class ExpertServicer(ServicerBase):
         def fn(header: dict) -> None:
             self.backend.step(
                 int(header["index"]), header["groups"],
-                grad_scale=header.get("grad_scale"), clip_value=header.get("clip_value"),
+                clip_norm=header.get("clip_norm"), clip_value=header.get("clip_value"),
             )
 
         return await self._unary("step", request, fn)

@@ -10,16 +10,19 @@ unavailable without that package) carries distqat's 4-bit codec. ``fp16`` is hiv
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
-from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+
+from lightning_distqat import _hivemind  # noqa: F401  (imports hivemind quietly, before the lines below do)
+from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.compression import serialization as _serialization
 from hivemind.proto import runtime_pb2
 
 from lightning_distqat.quant.codecs import decode, encode
 
-__all__ = ["pseudo_gradient_compression"]
+__all__ = ["block_codec_compression"]
 
 _SLOTS = {"int8": runtime_pb2.CompressionType.QUANTILE_8BIT, "int4": runtime_pb2.CompressionType.BLOCKWISE_8BIT}
 
@@ -41,9 +44,7 @@ class _BlockCodec(CompressionBase):
     def extract(self, serialized: runtime_pb2.Tensor) -> torch.Tensor:
         (block,) = struct.unpack_from("<I", serialized.buffer)
         shape = list(serialized.size)
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         blocks = -(-numel // block)  # codes follow the scales: numel bytes (int8) or ceil(numel / 2) (int4)
         scale = torch.frombuffer(bytearray(serialized.buffer[4:4 + 2 * blocks]), dtype=torch.float16)
         codes = torch.frombuffer(bytearray(serialized.buffer[4 + 2 * blocks:]), dtype=torch.int8)
@@ -55,15 +56,11 @@ class _BlockCodec(CompressionBase):
         return (bits / 8 + 2 / self.block_size) / 4
 
 
-def pseudo_gradient_compression(codec: str, block_size: int) -> CompressionBase:
-    """The compression to give hivemind's averager for ``codec``; registers distqat's block codecs for decoding in
-    this process (and the processes it forks later)."""
-    if codec == "none":
-        return NoCompression()
-    if codec == "fp16":
-        return Float16Compression()
+def block_codec_compression(codec: str, block_size: int) -> CompressionBase:
+    """distqat's ``int8`` or ``int4`` block codec as a hivemind compression; registers it for decoding in this
+    process (and the processes it forks later)."""
     if codec not in _SLOTS:
-        raise ValueError(f"pseudo-gradient codec {codec!r} is unknown; expected none, fp16, int8 or int4")
+        raise ValueError(f"block codec {codec!r} is unknown; expected one of {', '.join(_SLOTS)}")
     compression = _BlockCodec(codec, block_size)
     _serialization._BASE_COMPRESSION_TYPES[runtime_pb2.CompressionType.Name(_SLOTS[codec])] = compression
     return compression

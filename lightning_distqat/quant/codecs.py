@@ -16,14 +16,16 @@ Integer and boolean tensors always pass through unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from lightning_distqat.config import WIRE_CODECS as CODECS
+
 __all__ = ["CODECS", "QuantizationError", "encode", "decode", "encode_all", "decode_all", "payload_bytes",
            "check_codec"]
 
-CODECS = ("none", "fp16", "bf16", "int8", "int4")
 
 
 class QuantizationError(ValueError):
@@ -84,9 +86,7 @@ def decode(header: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
     if codec == "none":
         return tensors[0]
     dtype, shape = getattr(torch, header["dtype"]), tuple(header["shape"])
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if codec in ("fp16", "bf16"):
         return (tensors[0].float()[:numel] / float(header.get("scale", 1.0))).view(shape).to(dtype)
     if codec in ("int8", "int4"):

@@ -18,9 +18,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lightning_distqat.config import QAT_SCHEMES as SCHEMES
+
 __all__ = ["SCHEMES", "base_config", "prepare", "convert", "fake_quantized_linears"]
 
-SCHEMES = ("int8-int4", "int4-weight")
 
 
 def base_config(scheme: str, group_size: int = 32) -> Any:

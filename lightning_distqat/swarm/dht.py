@@ -4,7 +4,6 @@ hivemind's async P2P API from synchronous code (autograd, Lightning hooks)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -14,91 +13,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Coroutine, Optional, Sequence, TypeVar
 
 import hivemind
+from hivemind.p2p import P2PDaemonError
 
-__all__ = ["start_dht", "AsyncRunner", "die_with_parent", "terminate_children", "kill_process_group", "is_shm_manager",
-           "exit_with_parent"]
+from lightning_distqat._process import die_with_parent, exit_with_parent, terminate_children
+
+__all__ = ["start_dht", "AsyncRunner"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the owner's shutdown is the only clean-up
-        pass
-
-
-def is_shm_manager(pid: int) -> bool:
-    """Whether ``pid`` is a torch_shm_manager. hivemind shares memory with torch's file_system strategy, whose manager
-    unlinks a process tree's /dev/shm segments once its clients are gone; killing it leaks them, so it is spared."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == "torch_shm_manager"
-    except OSError:
-        return False
-
-
-def terminate_children(sig: int = signal.SIGTERM) -> None:
-    """Send ``sig`` to every direct child of this process except torch_shm_manager (read from /proc; no-op where
-    /proc is missing)."""
-    pids: set[int] = set()
-    try:
-        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
-            with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
-                pids.update(int(p) for p in f.read().split())
-    except OSError:
-        return
-    for pid in pids:
-        if is_shm_manager(pid):
-            continue
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def exit_with_parent(parent_pid: int, period: float = 0.5) -> None:
-    """Start a daemon thread that ends this process (after sending SIGTERM to its children, p2pd among them) as soon
-    as ``parent_pid`` is no longer its parent.
-
-    A parent-death signal alone is not enough for hivemind's background processes: its Python handler runs only when
-    the main thread executes bytecode, and their main thread can stay blocked in C (uvloop, a pipe) for good.
-    """
-
-    def _watch() -> None:
-        while not stop.wait(period):
-            if os.getppid() != parent_pid:
-                terminate_children(signal.SIGTERM)
-                os._exit(0)
-
-    stop = threading.Event()
-    threading.Thread(target=_watch, name="distqat-orphan-watchdog", daemon=True).start()
-
-
-def kill_process_group(pgid: Optional[int]) -> None:
-    """SIGKILL every process of group ``pgid`` except torch_shm_manager (it exits by itself once its clients are gone,
-    unlinking their shared memory)."""
-    if pgid is None:
-        return
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                group = int(f.read().rsplit(")", 1)[1].split()[2])
-        except (OSError, ValueError, IndexError):
-            continue
-        if group == pgid and not is_shm_manager(int(entry)):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
 
 class _OwnedDHT(hivemind.DHT):
     """A hivemind DHT whose background process (and its p2pd) ends when the process that started it dies,
@@ -128,8 +50,8 @@ def start_dht(
 ) -> hivemind.DHT:
     """Start a DHT node in a background process and wait until it is ready.
 
-    A busy bootstrap peer can miss a new node's first connection ("failed to connect to bootstrap peers"), so joining
-    is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError`` naming the peers if the node cannot join:
+    A busy bootstrap peer can miss a new node's first connection (p2pd then exits with "failed to connect to bootstrap
+    peers", a ``P2PDaemonError``), so starting is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError`` naming the peers if the node cannot join:
     check that ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
     """
     deadline = time.monotonic() + timeout
@@ -147,9 +69,9 @@ def start_dht(
         except FutureTimeout:
             dht.shutdown()
             raise TimeoutError(f"DHT node did not start within {timeout:.0f}s (initial_peers={initial_peers})") from None
-        except Exception as e:
+        except P2PDaemonError as e:
             dht.shutdown()
-            if attempt == attempts or time.monotonic() >= deadline or "bootstrap" not in str(e):
+            if attempt == attempts or time.monotonic() >= deadline:
                 raise
             log.warning("DHT node could not join %s (%s); trying again (%d/%d)", initial_peers, e, attempt, attempts)
         except BaseException:

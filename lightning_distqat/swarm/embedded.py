@@ -1,44 +1,71 @@
-"""The embedded swarm: one expert process per stage on this machine, started from the user's own modules and stopped
-with the trainer (also on exceptions, Ctrl+C, or when the trainer dies)."""
+"""The embedded swarm: the experts a trainer starts on its own machine when it names no swarm to join.
+
+Each expert is a fresh interpreter (``python -m lightning_distqat.expert``, see ``expert/__main__.py``) that receives
+its stage module by value, so the user's script is never run again: scripts without a main guard, scripts on stdin
+and notebooks all work. The experts are started together and import torch and hivemind while the trainer starts its
+own DHT node; then each gets its stage and the trainer's address. Each leads its own process group (its DHT process
+and p2pd live in it), dies with the trainer, and forwards its log lines to the trainer's stderr.
+"""
 
 from __future__ import annotations
 
-import io
+import json
 import logging
-import multiprocessing as mp
 import os
+import selectors
 import signal
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import replace
-from multiprocessing.connection import wait
-from typing import Any
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from typing import IO, Any, Optional
 
-import torch
+import cloudpickle
 from torch import nn
 
+from lightning_distqat._process import frame, kill_process_group
 from lightning_distqat.config import ExpertConfig
-from lightning_distqat.expert.server import run_embedded_expert
-from lightning_distqat.swarm.dht import kill_process_group
 
-__all__ = ["EmbeddedSwarm", "refuse_in_spawned_child"]
+__all__ = ["EmbeddedSwarm", "ExpertStartupError", "STARTUP_PHASES"]
 
 log = logging.getLogger(__name__)
 
-_MAIN_GUARD = ("put the code that builds and fits the Trainer under `if __name__ == \"__main__\":` (the embedded experts "
-               "are started with multiprocessing 'spawn', which re-runs the main script's top level in each of them)")
+STARTUP_PHASES = ("interpreter + imports", "waiting for the stage", "model load", "DHT join", "serving")
+"""How an expert's start-up splits, in order (see :meth:`EmbeddedSwarm.startup_split`)."""
+_MARKS = ("launched", "imported", "received", "loaded", "joined", "serving")
 
 
-def refuse_in_spawned_child(what: str) -> None:
-    """Fail at once when the main script is being re-run by a starting child process (a script without a main
-    guard), instead of starting a second swarm inside every expert."""
-    if getattr(mp.current_process(), "_inheriting", False):
-        raise RuntimeError(f"{what}: this script is being re-run by one of its own expert processes; {_MAIN_GUARD}")
+class ExpertStartupError(RuntimeError):
+    """An embedded expert could not start. The message carries the expert's own traceback, or its last log lines
+    when it died before it could send one."""
+
+
+@dataclass
+class _Expert:
+    stage: str
+    replica: int
+    process: subprocess.Popen
+    report: IO[str]
+    launched: float
+    log_tail: deque = field(default_factory=lambda: deque(maxlen=30))
+    forwarder: Optional[threading.Thread] = None
+    info: Optional[dict[str, Any]] = None
+
+    @property
+    def name(self) -> str:
+        return f"'{self.stage}'" + (f" (replica {self.replica})" if self.replica else "")
+
+    def last_lines(self) -> str:
+        return "".join(self.log_tail).rstrip() or "(it printed nothing)"
 
 
 class EmbeddedSwarm:
-    """Starts one expert per stage with ``start(initial_peers)``; ``shutdown()`` stops them all.
+    """Experts for ``stages`` on this machine: ``launch()`` starts the interpreters, ``start(initial_peers)`` sends
+    each its stage (a copy of the module's current weights) and waits until all serve, ``shutdown()`` stops them.
 
-    Each expert gets a copy of its stage module's current weights. No side effects until ``start``.
+    No side effects until ``launch``/``start``.
     """
 
     def __init__(
@@ -55,87 +82,169 @@ class EmbeddedSwarm:
         self.replicas = replicas
         self.startup_timeout = startup_timeout
         self.shutdown_timeout = shutdown_timeout
-        self.processes: list[mp.process.BaseProcess] = []
-        self.experts: list[dict[str, Any]] = []
+        self._experts: list[_Expert] = []
 
-    def start(self, initial_peers: list[str]) -> list[dict[str, Any]]:
-        """Start the experts and wait until every one serves. Returns their ``{"stage", "peer_id", "maddrs"}``.
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the experts, in stage order (replicas of a stage next to each other)."""
+        return [e.process.pid for e in self._experts]
 
-        Raises ``RuntimeError`` with the failing expert's traceback if one cannot start, or ``TimeoutError`` after
-        ``startup_timeout`` seconds; in both cases everything started so far is stopped first.
-        """
-        refuse_in_spawned_child("EmbeddedSwarm")
-        ctx = mp.get_context("spawn")
-        pending: dict[Any, tuple[str, mp.process.BaseProcess]] = {}
+    # ------------------------------------------------------------------ start
+    def launch(self) -> None:
+        """Start one interpreter per stage and replica; they import what an expert needs and wait for their stage."""
+        if self._experts:
+            return
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            for name, module in self.stages.items():
-                blob = io.BytesIO()
-                torch.save(module, blob)
+            for stage in self.stages:
                 for replica in range(self.replicas):
-                    config = replace(self.expert_config, stage=name, initial_peers=list(initial_peers))
-                    parent_conn, child_conn = ctx.Pipe(duplex=False)
-                    process = ctx.Process(
-                        target=run_embedded_expert,
-                        args=(config, blob.getvalue(), child_conn, logging.getLogger("lightning_distqat").getEffectiveLevel()),
-                        name=f"distqat-expert-{name}-{replica}",
-                    )
-                    process.start()
-                    child_conn.close()
-                    self.processes.append(process)
-                    pending[parent_conn] = (name, process)
-            self._wait_ready(pending)
+                    read_fd, write_fd = os.pipe()
+                    try:
+                        process = subprocess.Popen(
+                            [sys.executable, "-m", "lightning_distqat.expert", "--report-fd", str(write_fd),
+                             "--parent", str(os.getpid())],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            pass_fds=(write_fd,), start_new_session=True, env=env,
+                        )
+                    except BaseException:
+                        os.close(read_fd)
+                        raise
+                    finally:
+                        os.close(write_fd)
+                    expert = _Expert(stage, replica, process, os.fdopen(read_fd), time.time())
+                    expert.forwarder = threading.Thread(target=_forward_log, args=(expert,), daemon=True,
+                                                        name=f"distqat-expert-log-{stage}-{replica}")
+                    expert.forwarder.start()
+                    self._experts.append(expert)
         except BaseException:
             self.shutdown()
             raise
-        finally:
-            for conn in pending:
-                conn.close()
-        return self.experts
 
-    def _wait_ready(self, pending: dict[Any, tuple[str, mp.process.BaseProcess]]) -> None:
+    def start(self, initial_peers: list[str]) -> list[dict[str, Any]]:
+        """Send every expert its stage and ``initial_peers``; wait until every one serves. Returns their
+        ``{"stage", "peer_id", "maddrs", "timings"}``.
+
+        Raises :class:`ExpertStartupError` with the failing expert's traceback if one cannot start, or
+        ``TimeoutError`` after ``startup_timeout`` seconds; either way everything started is stopped first.
+        """
+        self.launch()
+        try:
+            level = logging.getLogger("lightning_distqat").getEffectiveLevel()
+            blobs = {
+                stage: frame(cloudpickle.dumps({
+                    "config": asdict(replace(self.expert_config, stage=stage, initial_peers=list(initial_peers))),
+                    "sys_path": [os.path.abspath(p) for p in sys.path], "log_level": level,
+                    "module": cloudpickle.dumps(module),
+                }))
+                for stage, module in self.stages.items()
+            }
+            for expert in self._experts:
+                try:
+                    expert.process.stdin.write(blobs[expert.stage])
+                    expert.process.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it died before reading; its report says why
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        return [{"stage": e.stage, **e.info} for e in self._experts if e.info is not None]
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        waiting = dict(pending)
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                names = sorted({name for name, _ in waiting.values()})
-                raise TimeoutError(
-                    f"embedded swarm: experts for stages {names} did not start within {self.startup_timeout:.0f}s "
-                    "(raise SwarmConfig.startup_timeout on a slow machine)"
-                )
-            sentinels = {process.sentinel: conn for conn, (_, process) in waiting.items()}
-            for ready in wait([*waiting, *sentinels], timeout=min(remaining, 1.0)):
-                conn = sentinels.get(ready, ready)
-                if conn not in waiting:
-                    continue
-                name, process = waiting[conn]
-                try:
-                    kind, payload = conn.recv()
-                except (EOFError, OSError):
-                    process.join(1.0)
-                    kind, payload = "error", (f"the process exited with code {process.exitcode} before it was ready "
-                                              f"(its error is above; if it ran your script again, {_MAIN_GUARD})")
-                if kind != "ready":
-                    raise RuntimeError(f"embedded swarm: the expert for stage '{name}' failed to start:\n{payload}")
-                self.experts.append({"stage": name, **payload})
-                del waiting[conn]
+        selector = selectors.DefaultSelector()
+        for expert in self._experts:
+            selector.register(expert.report, selectors.EVENT_READ, expert)
+        try:
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    waiting = [key.data for key in selector.get_map().values()]
+                    raise TimeoutError(
+                        f"embedded swarm: the experts for {', '.join(e.name for e in waiting)} did not start within "
+                        f"startup_timeout={self.startup_timeout:.0f}s (raise SwarmConfig.startup_timeout on a slow "
+                        "machine). Their last lines:\n" + "\n".join(e.last_lines() for e in waiting)
+                    )
+                for key, _ in selector.select(timeout=remaining):
+                    expert: _Expert = key.data
+                    line = expert.report.readline()
+                    selector.unregister(expert.report)
+                    self._take_report(expert, line)
+        finally:
+            selector.close()
 
+    def _take_report(self, expert: _Expert, line: str) -> None:
+        message = json.loads(line) if line.strip() else {}
+        if "ready" in message:
+            expert.info = {**message["ready"], "timings": {"launched": expert.launched,
+                                                           **message["ready"]["timings"]}}
+            return
+        if "error" in message:
+            raise ExpertStartupError(f"embedded swarm: the expert for stage {expert.name} failed to start:\n"
+                                     f"{message['error'].rstrip()}")
+        code = expert.process.wait(timeout=10)
+        raise ExpertStartupError(
+            f"embedded swarm: the expert for stage {expert.name} exited with code {code} before it could report. "
+            f"Its last lines:\n{expert.last_lines()}"
+        )
+
+    def startup_split(self) -> dict[str, float]:
+        """Seconds each start-up phase took (the slowest expert per phase); the phases are :data:`STARTUP_PHASES`."""
+        split = dict.fromkeys(STARTUP_PHASES, 0.0)
+        for expert in self._experts:
+            if expert.info is None:
+                continue
+            marks = expert.info["timings"]
+            for phase, (a, b) in zip(STARTUP_PHASES, zip(_MARKS, _MARKS[1:])):
+                if a in marks and b in marks:
+                    split[phase] = max(split[phase], marks[b] - marks[a])
+        return split
+
+    # ------------------------------------------------------------------ stop
     def shutdown(self) -> None:
-        """Stop every expert: SIGTERM, wait up to ``shutdown_timeout``, then kill what is left of its process group."""
-        for process in self.processes:
-            if process.is_alive() and process.pid is not None:
-                try:
-                    os.kill(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        """Stop every expert: SIGTERM (it leaves cleanly), wait up to ``shutdown_timeout``, then SIGKILL what is left
+        of its process group (its DHT process and p2pd). Closing its stdin alone would not do: processes forked by
+        this one meanwhile (hivemind's DHT node) hold copies of the pipe."""
+        experts, self._experts = self._experts, []
+        for expert in experts:
+            if expert.process.poll() is None:
+                expert.process.send_signal(signal.SIGTERM)
+            try:
+                expert.process.stdin.close()
+            except OSError:
+                pass
         deadline = time.monotonic() + self.shutdown_timeout
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.warning("expert %s did not stop within %.0fs; killing it", process.name, self.shutdown_timeout)
-                process.kill()
-            kill_process_group(process.pid)  # the expert's DHT process and p2pd live in its group
-            process.join(5)
-        self.processes = []
-        self.experts = []
+        for expert in experts:
+            try:
+                expert.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("expert for stage %s did not stop within %.0fs; killing it", expert.name,
+                            self.shutdown_timeout)
+            kill_process_group(expert.process.pid)  # the expert, if still there, and its DHT process and p2pd
+            expert.process.wait(5)
+        for expert in experts:
+            if expert.forwarder is not None:
+                expert.forwarder.join(5)
+            expert.report.close()
 
+
+def _forward_log(expert: _Expert) -> None:
+    """Copy an expert's stderr to ours line by line (a notebook shows it under the cell), keeping the last lines for
+    error messages. Ends when every process that holds the pipe (the expert, its DHT process, p2pd) has exited.
+
+    It reads the raw descriptor, never a buffered file object whose lock a process forked meanwhile (hivemind's
+    DHT node) would inherit held."""
+    fd, pending = expert.process.stderr.fileno(), b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace") + "\n"
+            expert.log_tail.append(line)
+            try:
+                sys.stderr.write(line)
+            except (OSError, ValueError):  # our stderr is closed: keep draining, so the expert never blocks
+                pass
+    expert.process.stderr.close()

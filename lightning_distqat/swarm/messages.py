@@ -10,11 +10,56 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Optional, Sequence, T
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
+from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 __all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "unpack_stream", "state_to_tensor",
-           "tensor_to_state"]
+           "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
+
+PLAIN = (int, float, bool, str, type(None))
+"""Values that travel inside a call's header, next to its tensors."""
+
+
+class LayoutError(TypeError):
+    """A call (or a stage's output) holds something that cannot cross the wire."""
+
+
+def _check_tree(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise LayoutError(f"{where} has a dict key {key!r} ({type(key).__name__}); only str keys travel")
+            _check_tree(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_tree(item, f"{where}[{i}]")
+    elif not isinstance(value, (torch.Tensor, *PLAIN)):
+        raise LayoutError(f"{where} is a {type(value).__name__}; tensors, plain values (int, float, bool, str, None) "
+                          "and tuples, lists and str-keyed dicts of them travel")
+
+
+def flatten_structure(value: Any, where: str = "value") -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Split a nested structure (tuples, lists, str-keyed dicts) into a msgpack-able layout and its tensors, in the
+    order of hivemind's ``nested_flatten``. Plain values stay in the layout. Raises :class:`LayoutError` naming
+    ``where`` for anything else. Named tuples arrive as plain tuples."""
+    _check_tree(value, where)
+    leaves = list(nested_flatten(value))
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    kinds = ["t" if isinstance(leaf, torch.Tensor) else ["v", leaf] for leaf in leaves]
+    skeleton = nested_pack([None] * len(leaves), value)
+    return {"tree": skeleton, "leaves": kinds}, tensors
+
+
+def pack_structure(layout: dict[str, Any], tensors: Sequence[torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_structure`. Raises ``ValueError`` when the tensors do not match the layout."""
+    kinds = layout["leaves"]
+    wanted = sum(1 for kind in kinds if kind == "t")
+    if wanted != len(tensors):
+        raise ValueError(f"the layout names {wanted} tensors but {len(tensors)} came with it")
+    it = iter(tensors)
+    leaves = [next(it) if kind == "t" else kind[1] for kind in kinds]
+    return nested_pack(leaves, layout["tree"])
 
 CHUNK_BYTES = 2**20
 """Bytes of tensor data per streamed message (well under hivemind's 4 MiB per-message limit)."""

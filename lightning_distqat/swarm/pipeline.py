@@ -1,168 +1,240 @@
-"""Pipeline assembly: a trainer's DHT node, the stage directory as it sees it, and the leases on the experts it uses."""
+"""The pipeline a trainer holds: one expert per stage, and everything that maps the user's module and optimizers onto
+those experts (the original submodules, the optimizer split, state pull and push, the checkpoint layout, remote grad
+norms, wire bytes). The strategy calls it from Lightning's hooks; nothing here imports Lightning.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import uuid
-from typing import Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
-from lightning_distqat.config import SwarmConfig
-from lightning_distqat.swarm.dht import AsyncRunner, start_dht
-from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_key
-from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
+import torch
+from torch import nn
+from torch.optim import Optimizer
 
-__all__ = ["SwarmClient", "rank_candidates", "PipelineUnavailableError"]
+from lightning_distqat.config import QuantConfig
+from lightning_distqat.swarm.optimizers import OptimizerSplit
+from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
+
+__all__ = ["RemotePipeline", "human_count"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class PipelineUnavailableError(RuntimeError):
-    """No complete pipeline could be claimed: some stage has no free expert with the right fingerprint."""
+def human_count(n: int) -> str:
+    """``11.2 M``, ``2.1 K``, ``640``: how Lightning's summary writes parameter counts."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
 
 
-def rank_candidates(records: Sequence[ExpertRecord], fingerprint: str, trainer_id: str) -> list[ExpertRecord]:
-    """The experts worth claiming for a stage, best first: matching fingerprint, free (or ours) before leased,
-    faster before slower."""
-    usable = [r for r in records if r.fingerprint == fingerprint]
-    return sorted(usable, key=lambda r: (r.lease_holder not in (None, trainer_id), -r.throughput, r.peer_id))
+class RemotePipeline:
+    """One expert per stage for a trainer: ``handles[stage]`` serves ``originals[stage]``.
 
+    ``handles`` is a live mapping: :meth:`replace` swaps the expert of one stage while training goes on, and the
+    proxies (``RemoteStage``) look their expert up at every call.
+    """
 
-class SwarmClient:
-    """A trainer's connection to the swarm. No side effects until :meth:`start`."""
-
-    def __init__(self, config: SwarmConfig, *, trainer_id: Optional[str] = None) -> None:
-        self.config = config
-        self.trainer_id = trainer_id or f"trainer-{uuid.uuid4().hex[:12]}"
-        self.dht = None
-        self.p2p = None
-        self.runner: Optional[AsyncRunner] = None
-        self.held: dict[str, ExpertHandle] = {}
-        self._renew_stop = threading.Event()
-        self._renewer: Optional[threading.Thread] = None
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "SwarmClient":
-        self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs)
-        self.runner = AsyncRunner(name="distqat-trainer-p2p").start()
-        self.p2p = self.runner.run(self.dht.replicate_p2p(), timeout=30)
-        return self
+    def __init__(self, originals: Mapping[str, nn.Module], handles: Mapping[str, ExpertHandle], *,
+                 quant: Optional[QuantConfig] = None) -> None:
+        self.originals = dict(originals)
+        self.handles: dict[str, ExpertHandle] = {}
+        self.quant = quant or QuantConfig(enabled=False)
+        self.splits: dict[int, OptimizerSplit] = {}
+        """The user's optimizers, split into their local part and one part per stage (by ``id(optimizer)``)."""
+        self._retired = {"bytes_sent": 0, "bytes_received": 0}
+        self._pool = ThreadPoolExecutor(max(1, len(originals)), thread_name_prefix="distqat-fanout")
+        for stage, handle in handles.items():
+            self._adopt(stage, handle)
 
     @property
-    def visible_maddrs(self) -> list[str]:
-        assert self.dht is not None, "SwarmClient.start() was not called"
-        return [str(m) for m in self.dht.get_visible_maddrs()]
+    def stages(self) -> list[str]:
+        return list(self.originals)
 
-    def shutdown(self) -> None:
-        """Release leases, then stop the renewal thread, the P2P handle and the DHT node (reverse of start)."""
-        self.release_all()
-        if self.runner is not None:
-            if self.p2p is not None:
-                try:
-                    self.runner.run(self.p2p.shutdown(), timeout=10)
-                except Exception:  # noqa: BLE001 - the daemon belongs to the DHT node, which is stopped next
-                    log.debug("closing the P2P replica failed", exc_info=True)
-            self.runner.shutdown()
-        if self.dht is not None:
-            self.dht.shutdown()
-        self.dht = self.p2p = self.runner = None
+    def _adopt(self, stage: str, handle: ExpertHandle) -> None:
+        settings = self.quant.for_stage(stage)
+        handle.activations = settings.wire_codec("activations")
+        handle.gradients = settings.wire_codec("gradients")
+        self.handles[stage] = handle
 
-    # ------------------------------------------------------------------ directory and leases
-    def directory(self, stage: str) -> list[ExpertRecord]:
-        """Experts currently announcing ``stage`` (malformed records are skipped with a warning)."""
-        assert self.dht is not None
-        found = self.dht.get(stage_key(self.config.experiment, stage), latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return []
-        records = []
-        for subkey, item in found.value.items():
-            try:
-                record = ExpertRecord.from_dict(item.value)
-                if record.peer_id != subkey or record.stage != stage:
-                    raise RecordError(f"record for {record.peer_id}/{record.stage} stored under {subkey}/{stage}")
-                records.append(record)
-            except RecordError as e:
-                log.warning("ignoring a malformed record for stage '%s': %s", stage, e)
-        return records
+    def replace(self, stage: str, handle: ExpertHandle) -> ExpertHandle:
+        """Make ``handle`` the expert of ``stage`` from the next call on; returns the one it replaces. The caller
+        brings the new expert to the stage's state (configure, set_state)."""
+        old = self.handles[stage]
+        self._retired["bytes_sent"] += old.bytes_sent
+        self._retired["bytes_received"] += old.bytes_received
+        self._adopt(stage, handle)
+        return old
 
-    def handle(self, stage: str, peer_id: str) -> ExpertHandle:
-        assert self.p2p is not None and self.runner is not None
-        handle = ExpertHandle(stage, peer_id, self.p2p, self.runner, timeout=self.config.request_timeout)
-        handle.trainer_id = self.trainer_id
-        return handle
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
-    def claim_pipeline(self, fingerprints: dict[str, str]) -> dict[str, ExpertHandle]:
-        """Claim one free expert per stage whose fingerprint matches, waiting up to ``discovery_timeout``.
+    # ------------------------------------------------------------------ the user's module
+    def install(self, module: nn.Module) -> None:
+        """Put a ``RemoteStage`` in place of every stage submodule of ``module``."""
+        for stage in self.originals:
+            module.set_submodule(stage, RemoteStage(stage, self.handles))
 
-        Raises :class:`PipelineUnavailableError` naming the stages still missing and what was found for them.
+    def uninstall(self, module: nn.Module) -> None:
+        """Put the original submodules back."""
+        for stage, original in self.originals.items():
+            module.set_submodule(stage, original)
+
+    @contextmanager
+    def originals_in_place(self, module: nn.Module) -> Iterator[None]:
+        """The original submodules in place for a while (``configure_optimizers`` must see every parameter)."""
+        proxies = {stage: module.get_submodule(stage) for stage in self.originals}
+        self.uninstall(module)
+        try:
+            yield
+        finally:
+            for stage, proxy in proxies.items():
+                module.set_submodule(stage, proxy)
+
+    def param_counts(self, trainable: bool = False) -> dict[str, int]:
+        """Parameters of every stage (those of its expert, which has the same shapes)."""
+        return {stage: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+                for stage, m in self.originals.items()}
+
+    def describe(self) -> str:
+        """``stem (2.1 K params) @ …abcd1234 -> ...``: one line for the start-up log."""
+        counts = self.param_counts()
+        return " -> ".join(f"{s} ({human_count(counts[s])} params) @ …{h.peer_id[-8:]}" for s, h in self.handles.items())
+
+    # ------------------------------------------------------------------ calls on every expert
+    def each(self, fn: Callable[[ExpertHandle], T], stages: Optional[Sequence[str]] = None) -> list[T]:
+        """``fn`` on the expert of every stage (or of ``stages``) concurrently; re-raises the first error."""
+        handles = [self.handles[s] for s in (self.stages if stages is None else stages)]
+        if len(handles) <= 1:
+            return [fn(h) for h in handles]
+        return list(self._pool.map(fn, handles))
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Tensor bytes sent to and received from the experts by forward/backward calls (after encoding)."""
+        return {k: v + sum(getattr(h, k) for h in self.handles.values()) for k, v in self._retired.items()}
+
+    # ------------------------------------------------------------------ optimizers
+    def configure(self, optimizers: Sequence[Optimizer]) -> None:
+        """Split the user's optimizers: their local parameters stay in them, each stage's part is created on its
+        expert (after torchao QAT is prepared there, where the stage's QuantConfig asks for it)."""
+        self.splits = {}
+        specs: dict[str, dict[int, dict[str, Any]]] = {stage: {} for stage in self.stages}
+        for index, optimizer in enumerate(optimizers):
+            split = OptimizerSplit.create(optimizer, index, self.originals)
+            split.keep_local()
+            self.splits[id(optimizer)] = split
+            for stage in split.stages:
+                specs[stage][index] = split.expert_spec(stage)
+        self.each(lambda h: h.configure(specs[h.stage], qat=self._qat(h.stage)))
+
+    def _qat(self, stage: str) -> Optional[dict[str, Any]]:
+        settings = self.quant.for_stage(stage)
+        return {"scheme": settings.qat, "group_size": settings.qat_group_size} if settings.qat else None
+
+    def split_of(self, optimizer: Optimizer) -> Optional[OptimizerSplit]:
+        return self.splits.get(id(getattr(optimizer, "_optimizer", optimizer)))
+
+    def step(self, optimizer: Optimizer, *, clip_norm: Optional[tuple[float, float]] = None,
+             clip_value: Optional[float] = None) -> None:
+        """The inner step of ``optimizer``'s part on every expert that has one, with the current hyperparameters
+        of every param group (LR schedulers change them)."""
+        split = self.split_of(optimizer)
+        if split is not None:
+            groups = split.group_hparams()
+            self.each(lambda h: h.step(split.index, groups, clip_norm=clip_norm, clip_value=clip_value), split.stages)
+
+    def grad_norms(self, optimizer: Optimizer, norm_type: float) -> list[float]:
+        """The gradient norm of ``optimizer``'s part on each expert."""
+        split = self.split_of(optimizer)
+        return self.each(lambda h: h.grad_norm(norm_type), split.stages) if split is not None else []
+
+    def restore_optimizers(self) -> None:
+        """Every parameter back in the user's optimizers, as configured."""
+        for split in self.splits.values():
+            split.restore()
+
+    # ------------------------------------------------------------------ state
+    def pull(self, stages: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
+        """Module state and optimizer states of every stage's expert."""
+        names = self.stages if stages is None else list(stages)
+        return dict(zip(names, self.each(lambda h: h.get_state(), names)))
+
+    def seed(self) -> None:
+        """Send the original submodules' weights to the experts (a joined swarm's experts have weights of their own)."""
+        self.each(lambda h: h.set_state({"module": self.originals[h.stage].state_dict()}))
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's weights, keyed as in the user's module (``stage.param``)."""
+        return {f"{stage}.{k}": v for stage, state in self.pull().items() for k, v in state["module"].items()}
+
+    def split_module_state(self, full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """A state dict of the whole module -> (its local part, one part per stage with keys inside the stage)."""
+        local: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {stage: {} for stage in self.stages}
+        for key, value in full.items():
+            stage = next((s for s in parts if key.startswith(s + ".")), None)
+            if stage is None:
+                local[key] = value
+            else:
+                parts[stage][key[len(stage) + 1:]] = value
+        return local, parts
+
+    def load_module_state(self, full: Mapping[str, Any], module: nn.Module, strict: bool = True) -> None:
+        """Load a whole-module state dict: the local part into ``module``, each stage's part into its expert."""
+        local, parts = self.split_module_state(full)
+        module.load_state_dict(local, strict=strict)
+        self.each(lambda h: h.set_state({"module": parts[h.stage]}))
+
+    def optimizer_state(self, optimizer: Optimizer, states: Optional[Mapping[str, dict[str, Any]]] = None
+                        ) -> dict[str, Any]:
+        """``optimizer``'s state dict as the unsplit user optimizer would give it (``states``: pulled already)."""
+        split = self.split_of(optimizer)
+        assert split is not None, "not an optimizer of this pipeline"
+        states = self.pull(split.stages) if states is None else states
+        return split.merge_state({s: st["optimizers"].get(split.index, {}) for s, st in states.items()})
+
+    def load_optimizer_states(self, optimizers: Sequence[Optimizer], saved: Sequence[Mapping[str, Any]]) -> None:
+        """Load the user-layout optimizer states of a checkpoint: local parts here, stage parts on the experts."""
+        parts: dict[str, dict[int, Any]] = {stage: {} for stage in self.stages}
+        for optimizer, state in zip(optimizers, saved):
+            split = self.split_of(optimizer)
+            assert split is not None, "not an optimizer of this pipeline"
+            local, per_stage = split.split_state(state)
+            optimizer.load_state_dict(local)
+            for stage, part in per_stage.items():
+                parts[stage][split.index] = part
+        self.each(lambda h: h.set_state({"optimizers": parts[h.stage]}))
+
+    def bring_home(self) -> None:
+        """Load every stage's trained weights and optimizer state from its expert into the user's objects, and put
+        every parameter back into the user's optimizers.
+
+        A stage whose expert cannot answer keeps the weights it had when training started; the error says which.
         """
-        deadline = time.monotonic() + self.config.discovery_timeout
-        seen: dict[str, list[ExpertRecord]] = {}
-        poll = threading.Event()
-        while True:
-            for stage, fingerprint in fingerprints.items():
-                if stage in self.held:
-                    continue
-                seen[stage] = self.directory(stage)
-                for record in rank_candidates(seen[stage], fingerprint, self.trainer_id):
-                    handle = self.handle(stage, record.peer_id)
-                    try:
-                        granted = handle.claim(self.trainer_id, self.config.lease_ttl, timeout=10)["granted"]
-                    except ExpertError as e:
-                        log.info("could not claim %s: %s", handle, e)
-                        continue
-                    if granted:
-                        self.held[stage] = handle
-                        break
-            missing = [s for s in fingerprints if s not in self.held]
-            if not missing:
-                break
-            if time.monotonic() >= deadline:
-                raise PipelineUnavailableError(self._describe_missing(missing, fingerprints, seen))
-            poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-        self._start_renewal()
-        return dict(self.held)
 
-    def _describe_missing(
-        self, missing: list[str], fingerprints: dict[str, str], seen: dict[str, list[ExpertRecord]]
-    ) -> str:
-        lines = [f"no free expert for stages {missing} within {self.config.discovery_timeout:.0f}s:"]
-        for stage in missing:
-            records = seen.get(stage, [])
-            other = sorted({r.fingerprint for r in records if r.fingerprint != fingerprints[stage]})
-            leased = [r for r in records if r.fingerprint == fingerprints[stage] and r.lease_holder]
-            lines.append(
-                f"  '{stage}' (fingerprint {fingerprints[stage]}): {len(records)} announced, {len(leased)} leased to "
-                f"other trainers, other fingerprints {other or 'none'}"
-            )
-        lines.append("Start experts for these stages (distqat-expert) or check experiment name and initial_peers.")
-        return "\n".join(lines)
-
-    def _start_renewal(self) -> None:
-        if self._renewer is not None:
-            return
-        self._renew_stop.clear()
-        self._renewer = threading.Thread(target=self._renew_loop, name="distqat-lease-renewal", daemon=True)
-        self._renewer.start()
-
-    def _renew_loop(self) -> None:
-        while not self._renew_stop.wait(self.config.lease_ttl / 3):
-            for handle in list(self.held.values()):
-                try:
-                    if not handle.claim(self.trainer_id, self.config.lease_ttl, timeout=10)["granted"]:
-                        log.warning("lost the lease on %s", handle)
-                except ExpertError as e:
-                    log.warning("could not renew the lease on %s: %s", handle, e)
-
-    def release_all(self) -> None:
-        self._renew_stop.set()
-        if self._renewer is not None:
-            self._renewer.join(timeout=15)
-            self._renewer = None
-        for handle in self.held.values():
+        def pull(handle: ExpertHandle) -> Any:
             try:
-                handle.release(self.trainer_id, timeout=5)
-            except ExpertError:
-                pass  # a dead expert's lease expires on its own
-        self.held = {}
+                return handle.get_state()
+            except ExpertError as e:
+                return e
+
+        pulled = dict(zip(self.stages, self.each(pull)))
+        states = {}
+        for stage, state in pulled.items():
+            if isinstance(state, ExpertError):
+                log.error("DistqatStrategy: could not bring the trained weights of stage '%s' home (%s); the module "
+                          "keeps the weights this stage had when training started", stage, state)
+            else:
+                states[stage] = state
+        for stage, state in states.items():
+            original = self.originals[stage]
+            device = next(original.parameters(), torch.empty(0)).device
+            original.load_state_dict({k: v.to(device) for k, v in state["module"].items()})
+        for split in self.splits.values():
+            merged = self.optimizer_state(split.optimizer, states)
+            split.restore()
+            split.optimizer.load_state_dict(merged)

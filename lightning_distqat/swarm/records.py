@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["ExpertRecord", "stage_fingerprint", "stage_key", "averaging_prefix", "RecordError"]
+__all__ = ["ExpertRecord", "stage_fingerprint", "stage_key", "RecordError"]
 
 
 class RecordError(ValueError):
@@ -31,11 +31,6 @@ def stage_fingerprint(module: nn.Module) -> str:
 def stage_key(experiment: str, stage: str) -> str:
     """The DHT key under which the experts of one stage announce themselves (one subkey per expert peer id)."""
     return f"{experiment}.stage.{stage}"
-
-
-def averaging_prefix(experiment: str, stage: str) -> str:
-    """The hivemind averaging group of one stage's DiLoCo replicas (hivemind forbids dots in group prefixes)."""
-    return f"{experiment}_{stage}_diloco".replace(".", "-")
 
 
 @dataclass(frozen=True, kw_only=True)

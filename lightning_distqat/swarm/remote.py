@@ -3,27 +3,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-
 import uuid
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from lightning_distqat.quant.codecs import decode_all, encode_all, payload_bytes
 from lightning_distqat.swarm.dht import AsyncRunner
-from lightning_distqat.swarm.messages import pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
+from lightning_distqat.swarm.messages import (
+    LayoutError, flatten_structure, pack, pack_structure, state_to_tensor, tensor_to_state, unpack, unpack_stream,
+)
 
 __all__ = ["ExpertError", "ExpertUnavailableError", "ExpertHandle", "RemoteStage"]
 
-_PLAIN = (int, float, bool, str, type(None))
-
-
 log = logging.getLogger(__name__)
+
+_UNREACHABLE = (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, EOFError, OSError)
+"""What hivemind's P2P layer raises when a call does not go through (a dead peer, a reset stream, a broken daemon)."""
+
 
 class ExpertError(RuntimeError):
     """An expert answered a request with an error (bad input, bad state, a failure inside the stage)."""
@@ -44,10 +47,13 @@ class ExpertHandle:
     """Calls to one expert (one stage on one peer). Every call has a timeout and raises :class:`ExpertError` or
     :class:`ExpertUnavailableError` naming the stage, the expert and the cause."""
 
-    def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float) -> None:
+    def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float,
+                 trainer_id: Optional[str] = None) -> None:
         from lightning_distqat.expert.servicer import ExpertServicer  # the servicer defines the RPC names
 
         self.stage, self.peer_id, self.timeout = stage, peer_id, timeout
+        self.trainer_id = trainer_id
+        """Sent with every request; the expert serves leased calls only to its lease holder."""
         self._runner = runner
         self.activations: tuple[str, int] = ("none", 0)
         """Wire codec and block size of this stage's inputs and outputs (set from QuantConfig by the strategy)."""
@@ -56,7 +62,6 @@ class ExpertHandle:
         """Tensor bytes of forward/backward requests sent to this expert (after encoding)."""
         self.bytes_received = 0
         self._stub = ExpertServicer.get_stub(p2p, PeerID.from_base58(peer_id))
-        self.trainer_id: Optional[str] = None
 
     def __repr__(self) -> str:
         return f"ExpertHandle(stage={self.stage!r}, peer={self.peer_id[-8:]})"
@@ -74,9 +79,7 @@ class ExpertHandle:
                 what, f"no answer within {timeout:.0f}s; the expert may have died (raise request_timeout for slow links)",
                 unavailable=True,
             ) from None
-        except ExpertError:
-            raise
-        except Exception as e:  # noqa: BLE001 - P2P errors come in many types; all mean the call did not go through
+        except _UNREACHABLE as e:
             raise self._fail(what, f"{type(e).__name__}: {e}", unavailable=True) from e
         if header is None:
             raise _EmptyReply(self._fail(what, "the connection closed before the whole answer came; the expert may have "
@@ -111,11 +114,13 @@ class ExpertHandle:
     # ------------------------------------------------------------------ RPCs
     def forward(
         self, request_id: str, layout: dict[str, Any], tensors: Sequence[torch.Tensor], *, training: bool, need_grad: bool
-    ) -> tuple[list[torch.Tensor], bool]:
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Run the stage on ``(layout, tensors)`` (see ``messages.flatten_structure``). Returns the output tensors and
+        the layout of the stage's output."""
         header = {"request_id": request_id, "layout": layout, "training": training, "need_grad": need_grad}
         header, tensors = self._encode(header, tensors, self.activations, f"stage '{self.stage}' input")
         reply, outputs = self._stream_twice("rpc_forward", header, tensors)
-        return self._decode(reply, outputs), bool(reply["tuple"])
+        return self._decode(reply, outputs), reply["layout"]
 
     def _stream_twice(self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor]
                       ) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -157,8 +162,11 @@ class ExpertHandle:
         """Create the stage's optimizers; ``qat`` (``{"scheme", "group_size"}``) first prepares torchao QAT."""
         self._unary("rpc_configure", {"optimizers": {str(i): spec for i, spec in optimizers.items()}, "qat": qat})
 
-    def step(self, index: int, groups: list[dict[str, Any]], *, grad_scale=None, clip_value=None) -> None:  # noqa: ANN001
-        self._unary("rpc_step", {"index": index, "groups": groups, "grad_scale": grad_scale, "clip_value": clip_value})
+    def step(self, index: int, groups: list[dict[str, Any]], *, clip_norm: Optional[tuple[float, float]] = None,
+             clip_value: Optional[float] = None) -> None:
+        """One inner step of optimizer ``index`` with the groups' current hyperparameters; ``clip_norm`` is
+        ``(max_norm, total_norm over every stage)``."""
+        self._unary("rpc_step", {"index": index, "groups": groups, "clip_norm": clip_norm, "clip_value": clip_value})
 
     def grad_norm(self, norm_type: float) -> float:
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
@@ -184,27 +192,6 @@ class ExpertHandle:
         self._unary("rpc_claim", {"claimant": trainer_id, "ttl": 0.0}, timeout)
 
 
-def _layout(stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    tensors: list[torch.Tensor] = []
-
-    def _entry(where: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            return "t"
-        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
-            return ["v", value]
-        raise TypeError(
-            f"RemoteStage '{stage}': {where} is a {type(value).__name__}; a remote stage takes tensors and plain "
-            "values (int, float, bool, str, None). Pass tensors, or keep this submodule local (leave it out of stages)."
-        )
-
-    layout = {
-        "args": [_entry(f"argument {i}", a) for i, a in enumerate(args)],
-        "kwargs": {k: _entry(f"keyword argument {k!r}", v) for k, v in kwargs.items()},
-    }
-    return layout, tensors
-
-
 class _RemoteCall(torch.autograd.Function):
     """Forward runs the stage on its expert; backward sends output grads to the same expert (its activations are
     there) and returns the input grads it computed."""
@@ -212,7 +199,7 @@ class _RemoteCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dummy, handle, layout, training, reply, *tensors):  # noqa: ANN001, ANN205
         request_id = uuid.uuid4().hex
-        outputs, reply["tuple"] = handle.forward(request_id, layout, tensors, training=training, need_grad=True)
+        outputs, reply["layout"] = handle.forward(request_id, layout, tensors, training=training, need_grad=True)
         ctx.handle, ctx.request_id = handle, request_id
         ctx.inputs = [(t.device, t.dtype) for t in tensors]
         outputs = [o.to(dummy.device) for o in outputs]
@@ -228,28 +215,37 @@ class _RemoteCall(torch.autograd.Function):
 
 
 class RemoteStage(nn.Module):
-    """Stands in for a stage submodule: same call signature (tensors and plain values), computed on an expert."""
+    """Stands in for a stage submodule: the same call signature (tensors, plain values, and tuples, lists and dicts
+    of them), computed on the expert that ``handles[name]`` names at call time. Backward always goes to the expert
+    that ran the forward."""
 
-    def __init__(self, name: str, handle: ExpertHandle) -> None:
+    def __init__(self, name: str, handles: Mapping[str, ExpertHandle]) -> None:
         super().__init__()
         self.stage_name = name
-        self.handle = handle
+        self._handles = handles
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def handle(self) -> ExpertHandle:
+        return self._handles[self.stage_name]
 
     def extra_repr(self) -> str:
         return f"stage={self.stage_name!r}, expert=…{self.handle.peer_id[-8:]}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        layout, tensors = _layout(self.stage_name, args, kwargs)
+        try:
+            layout, tensors = flatten_structure((args, kwargs), "the call")
+        except LayoutError as e:
+            raise TypeError(f"RemoteStage '{self.stage_name}': {e}. Pass those, or keep this submodule local (leave it "
+                            "out of stages).") from None
+        handle, device = self.handle, self._device_anchor.device
         if torch.is_grad_enabled():
-            dummy = torch.empty(0, device=self._device_anchor.device, requires_grad=True)
-            reply: dict[str, bool] = {}
-            outputs = _RemoteCall.apply(dummy, self.handle, layout, self.training, reply, *tensors)
-            is_tuple = reply["tuple"]
+            dummy = torch.empty(0, device=device, requires_grad=True)
+            reply: dict[str, Any] = {}
+            outputs = _RemoteCall.apply(dummy, handle, layout, self.training, reply, *tensors)
+            out_layout = reply["layout"]
         else:
-            outputs, is_tuple = self.handle.forward(
-                uuid.uuid4().hex, layout, tensors, training=self.training, need_grad=False
-            )
-            outputs = [o.to(self._device_anchor.device) for o in outputs]
-        return tuple(outputs) if is_tuple else outputs[0]
-
+            outputs, out_layout = handle.forward(uuid.uuid4().hex, layout, tensors, training=self.training,
+                                                 need_grad=False)
+            outputs = [o.to(device) for o in outputs]
+        return pack_structure(out_layout, outputs)

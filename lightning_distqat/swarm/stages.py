@@ -1,4 +1,4 @@
-"""Stage paths inside a user's module: looking them up with clear errors, and swapping submodules. Pure logic."""
+"""Stage paths inside a user's module, looked up with clear errors. Pure logic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["resolve_stages", "set_submodule"]
+__all__ = ["resolve_stages"]
 
 
 def resolve_stages(module: nn.Module, stages: Sequence[str]) -> dict[str, nn.Module]:
@@ -38,8 +38,3 @@ def resolve_stages(module: nn.Module, stages: Sequence[str]) -> dict[str, nn.Mod
             )
     return found
 
-
-def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, new)

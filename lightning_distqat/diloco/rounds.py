@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from lightning_distqat.diloco import DiLoCoConfig, DiLoCoSync
-from lightning_distqat.swarm.records import averaging_prefix
+from lightning_distqat.diloco.config import DiLoCoConfig, group_prefix
+from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
 
 __all__ = ["TrainerRounds"]
@@ -29,22 +29,25 @@ class TrainerRounds:
         self,
         config: DiLoCoConfig,
         *,
-        handles: dict[str, ExpertHandle],
+        handles: Mapping[str, ExpertHandle],
         local_params: Sequence[torch.Tensor],
         dht: Any,
         experiment: str,
         solo: bool,
-        pool: Optional[Executor],
         request_timeout: float,
     ) -> None:
+        """``handles``: the pipeline's experts by stage, a live mapping (an expert replaced mid-run takes part in
+        the next round)."""
         self.config = config
         self.handles = handles
         self.solo = solo
-        self._pool = pool
+        self._pool: Optional[ThreadPoolExecutor] = (
+            ThreadPoolExecutor(len(handles), thread_name_prefix="distqat-rounds") if handles else None
+        )
         self._timeout = config.averaging_timeout + request_timeout
         self._group = "trainer-local" if handles else "model"
         self._sync = (
-            DiLoCoSync(local_params, config, dht=dht, prefix=averaging_prefix(experiment, self._group), solo=solo)
+            DiLoCoSync(local_params, config, dht=dht, prefix=group_prefix(experiment, self._group), solo=solo)
             if local_params else None
         )
         self.inner_steps = 0
@@ -61,7 +64,8 @@ class TrainerRounds:
         return max(rounds, default=0)
 
     def inner_step_done(self) -> Optional[dict[str, Any]]:
-        """Count one inner step; run a round when ``inner_steps`` have passed. Returns that round's report."""
+        """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
+        passed. Returns that round's report."""
         self.inner_steps += 1
         if self.inner_steps % self.config.inner_steps:
             return None
@@ -78,7 +82,12 @@ class TrainerRounds:
         if self._sync is not None:  # this trainer's own parameters, while the experts run their rounds
             per_group[self._group] = {**asdict(self._sync.round(samples)), "checksum": self._sync.state.checksum()}
         per_group.update({stage: f.result() for stage, f in zip(self.handles, pending)})
+        for group, r in per_group.items():
+            if r.get("failed"):
+                log.warning("DiLoCo round %d of group '%s' went on without averaging (%s)", r["round"], group,
+                            r["failed"])
         report = {
+            "inner_step": self.inner_steps,
             "round": min(r["round"] for r in per_group.values()),
             "group_size": min(r["group_size"] for r in per_group.values()),
             "bytes_sent": sum(r["bytes_sent"] for r in per_group.values()),
@@ -102,3 +111,6 @@ class TrainerRounds:
                 self._sync.state.copy_to_local()
             self._sync.shutdown()
             self._sync = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,68 @@
+"""DiLoCo settings, and the names of the averaging groups they run in. Plain values only (Hydra-friendly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_distqat.config import PSEUDO_GRADIENT_CODECS
+
+__all__ = ["DiLoCoConfig", "group_prefix"]
+
+
+@dataclass(kw_only=True)
+class DiLoCoConfig:
+    """DiLoCo settings, shared by every replica of an experiment."""
+
+    inner_steps: int = 50
+    """H: inner optimizer steps (training batches that stepped) between two outer rounds."""
+
+    outer_lr: float = 0.7
+    """Learning rate of the outer optimizer."""
+
+    outer_momentum: float = 0.9
+    """Momentum of the default outer optimizer (SGD)."""
+
+    nesterov: bool = True
+    """Nesterov momentum for the default outer optimizer."""
+
+    outer_optimizer: Optional[str] = None
+    """Class path of another outer optimizer (e.g. ``"torch.optim.Adam"``); ``None`` uses SGD with the settings above."""
+
+    outer_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the outer optimizer (``lr`` is always ``outer_lr``)."""
+
+    averaging_timeout: float = 60.0
+    """Seconds a round may take, matchmaking included. Replicas not in the group by then are left out of that round;
+    raise it for slow links or large stages."""
+
+    matchmaking_time: float = 3.0
+    """Seconds a replica waits for others to join its averaging group before the round starts."""
+
+    target_group_size: Optional[int] = None
+    """Largest averaging group (``None``: everyone who shows up)."""
+
+    pseudo_gradient_codec: str = "none"
+    """Codec of pseudo-gradients in the all-reduce: ``none``, ``fp16``, ``int8`` or ``int4`` (set from
+    ``QuantConfig.pseudo_gradients`` by the strategy). Received parts are accumulated in fp32."""
+
+    codec_block_size: int = 256
+    """Values per scale of the ``int8``/``int4`` pseudo-gradient codecs."""
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"DiLoCoConfig: inner_steps must be >= 1, got {self.inner_steps}")
+        if self.pseudo_gradient_codec not in PSEUDO_GRADIENT_CODECS:
+            raise ValueError(f"DiLoCoConfig: pseudo_gradient_codec {self.pseudo_gradient_codec!r} is unknown; "
+                             f"expected one of {', '.join(PSEUDO_GRADIENT_CODECS)}")
+        if self.averaging_timeout <= self.matchmaking_time:
+            raise ValueError(
+                f"DiLoCoConfig: averaging_timeout ({self.averaging_timeout}s) must exceed matchmaking_time "
+                f"({self.matchmaking_time}s)"
+            )
+
+
+def group_prefix(experiment: str, group: str) -> str:
+    """The hivemind averaging group of one stage's DiLoCo replicas (or of a trainer-side group such as
+    ``trainer-local``). hivemind forbids dots in group prefixes."""
+    return f"{experiment}_{group}_diloco".replace(".", "-")

@@ -1,0 +1,100 @@
+"""An expert started by a trainer's embedded swarm, in a fresh interpreter:
+
+    python -m lightning_distqat.expert --report-fd FD --parent PID
+
+It never imports the user's script: the stage module arrives by value on stdin (cloudpickle), so scripts without a
+main guard, scripts piped on stdin and notebooks all work. The protocol, all of it local to one machine:
+
+- stdin: one frame (``_process.frame``) holding a pickle of ``{"config": ExpertConfig fields, "sys_path": [...],
+  "log_level": int, "module": cloudpickle of the stage}``, then nothing until the parent closes it: EOF asks the
+  expert to stop (as SIGTERM does; the parent's death sends SIGTERM too). The stage is unpickled after the
+  trainer's ``sys.path`` is in place, so classes it refers to by module (``my_project.layers.Block``) import here.
+- the report pipe (``--report-fd``): one JSON line, ``{"ready": {"peer_id", "maddrs", "timings"}}`` once the expert
+  serves, or ``{"error": traceback}`` if it cannot start.
+- stderr: the expert's log lines, which the parent forwards.
+
+The heavy imports come first, while the parent is still starting its own DHT node; the payload (which names that
+node as the initial peer) is read after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from lightning_distqat._process import die_with_parent, read_frame
+
+
+def _stop_on_eof(fd: int, stop: Any) -> None:
+    """Call ``stop()`` once ``fd`` reaches EOF (the parent closed it, or died).
+
+    It reads the raw descriptor: a thread blocked in a buffered ``sys.stdin`` read holds that object's lock, and
+    hivemind's forked processes (DHT, averager) close ``sys.stdin`` as they start, which would then wait forever."""
+
+    def _watch() -> None:
+        while os.read(fd, 65536):
+            pass
+        stop()
+
+    threading.Thread(target=_watch, name="distqat-expert-stdin", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    timings = {"started": time.time()}
+    parser = argparse.ArgumentParser(prog="python -m lightning_distqat.expert", description=__doc__.splitlines()[0])
+    parser.add_argument("--report-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    report = os.fdopen(args.report_fd, "w", buffering=1)
+
+    def send(kind: str, value: Any) -> None:
+        try:
+            report.write(json.dumps({kind: value}) + "\n")
+            report.flush()
+        except OSError:  # the trainer is gone; nobody to tell
+            pass
+
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != args.parent:
+        return 1
+    stage = "?"
+    try:
+        import cloudpickle
+        import torch  # noqa: F401  (first: the stage's tensors need it)
+
+        from lightning_distqat.config import ExpertConfig
+        from lightning_distqat.expert.server import ExpertServer
+
+        timings["imported"] = time.time()
+        blob = read_frame(sys.stdin.buffer)
+        timings["received"] = time.time()
+        payload = cloudpickle.loads(blob)
+        config = ExpertConfig(**payload["config"])
+        stage = config.stage
+        logging.basicConfig(level=logging.WARNING, format=f"[expert {stage}] %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("lightning_distqat").setLevel(payload["log_level"])
+        sys.path[:0] = [p for p in payload["sys_path"] if p not in sys.path]  # the trainer's, for its classes
+        module = cloudpickle.loads(payload["module"])
+        timings["loaded"] = time.time()
+        server = ExpertServer(config, module, on_ready=lambda info: send("ready", {
+            **info, "timings": {**timings, **info["timings"]}}))
+        _stop_on_eof(sys.stdin.fileno(), server.shutdown)
+        server.run()
+        return 0
+    except BaseException:  # noqa: BLE001 - the trainer shows this traceback as the expert's own error
+        send("error", f"expert for stage '{stage}' (pid {os.getpid()}):\n{traceback.format_exc()}")
+        return 1
+    finally:
+        report.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
