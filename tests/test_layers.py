@@ -85,7 +85,23 @@ def test_an_expert_and_the_data_server_import_no_lightning():
     expert = _top(_modules_after("import lightning_distqat.expert.__main__, lightning_distqat.expert.server"))
     assert "hivemind" in expert and not expert & {"lightning", "pytorch_lightning", "transformers"}
     data = _top(_modules_after("import lightning_distqat.data.child, lightning_distqat.data.server"))
-    assert "torch" in data and not data & {"lightning", "pytorch_lightning", "hivemind"}
+    assert "numpy" in data and not data & {"torch", "lightning", "pytorch_lightning", "hivemind"}
+
+
+def test_a_serving_data_server_has_no_torch_mapped():
+    """Not only at import: once it has loaded, transformed and cached a dataset, the embedded data server's process
+    has no torch library mapped (torch alone costs a process ~280 MiB of private memory)."""
+    from lightning_distqat import DataConfig
+    from lightning_distqat.data.embedded import EmbeddedDataServer
+
+    server = EmbeddedDataServer(DataConfig(source="sklearn-digits", image_size=16, batch_size=32, name="no-torch"))
+    try:
+        server.start()
+        with open(f"/proc/{server.pid}/maps") as f:
+            libraries = {line.split()[-1] for line in f if ".so" in line}
+        assert not [lib for lib in libraries if "torch" in Path(lib).name], sorted(libraries)
+    finally:
+        server.shutdown()
 
 
 def test_the_package_leaves_the_users_warning_filters_alone():

@@ -15,13 +15,10 @@ __all__ = ["serve", "main"]
 
 def serve(cfg: DictConfig) -> None:
     """Serve ``cfg.data`` (a :class:`~lightning_distqat.config.DataConfig`) until SIGINT/SIGTERM."""
-    import torch
-
     from lightning_distqat.config import DataConfig
     from lightning_distqat.data.server import DataServer
 
     data: DataConfig = instantiate(cfg.data, _convert_="all")
-    torch.set_num_threads(max(1, int(cfg.get("torch_threads", 1))))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """Entry point of the embedded data server's process: ``python -m lightning_distqat.data.child CONFIG_JSON PARENT_PID``.
 
 Prints one JSON line (``{"address"}`` or ``{"error", "message"}``), then serves until its stdin closes, its parent
-dies, or SIGTERM. It imports the data server and torch, never Lightning or hivemind.
+dies, or SIGTERM. It imports the data server (numpy, datasets), never torch, Lightning or hivemind.
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ def main(cfg_json: str, parent_pid: int) -> int:
     if os.getppid() != parent_pid:
         return 1
     logging.basicConfig(level=logging.WARNING, format="[data server] %(levelname)s %(name)s: %(message)s")
-    import torch
-
     from lightning_distqat.data.server import DataServer
 
-    torch.set_num_threads(1)  # the trainer owns the cores; batches are prepared one at a time
     server = DataServer(DataConfig(**json.loads(cfg_json)))
     try:
         try:

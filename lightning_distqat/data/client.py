@@ -2,18 +2,65 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from multiprocessing.connection import Connection
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from lightning_distqat.data.errors import DataServerError, DataSourceError
-from lightning_distqat.data.shm import SegmentReader
+from lightning_distqat.data.shm import Layout
 
-__all__ = ["DataClient"]
+__all__ = ["DataClient", "SegmentReader"]
+
+
+class SegmentReader:
+    """A trainer's view of the server's segments: maps them by name (a few at a time, read-only, without registering
+    them: a trainer that dies frees nothing) and copies batches out as torch tensors."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._keep = keep
+
+    def _map(self, name: str) -> mmap.mmap:
+        if name in self._maps:
+            self._maps.move_to_end(name)
+            return self._maps[name]
+        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+        try:
+            m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._maps[name] = m
+        while len(self._maps) > self._keep:
+            self._maps.popitem(last=False)[1].close()
+        return m
+
+    def _array(self, name: str, dtype: str, shape: tuple[int, ...], start: int) -> np.ndarray:
+        return np.frombuffer(self._map(name), dtype=np.dtype(dtype), count=math.prod(shape), offset=start
+                             ).reshape(shape)
+
+    def read(self, name: str, layout: Layout) -> dict[str, torch.Tensor]:
+        """Copies of the arrays that ``layout`` describes in segment ``name``."""
+        return {key: torch.from_numpy(self._array(name, dtype, shape, start).copy())
+                for key, dtype, shape, start, _ in layout}
+
+    def gather(self, name: str, layout: Layout, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of rows ``ids`` of the ``SharedTensors`` that ``layout`` describes in segment ``name``."""
+        index = np.asarray(ids, dtype=np.int64)
+        return {key: torch.from_numpy(self._array(name, dtype, shape, start)[index])
+                for key, dtype, shape, start, _ in layout}
+
+    def close(self) -> None:
+        while self._maps:
+            self._maps.popitem()[1].close()
 
 
 class DataClient:

@@ -34,6 +34,11 @@ class EmbeddedDataServer:
         self.address: Optional[str] = None
         self._proc: Optional[subprocess.Popen] = None
 
+    @property
+    def pid(self) -> Optional[int]:
+        """The server process's id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> str:
         """Start the child and wait (``cfg.startup_timeout``) until it listens; returns its address. Errors in the
         data (missing path, bad column...) are raised here as :class:`DataSourceError`."""

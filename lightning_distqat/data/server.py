@@ -25,14 +25,13 @@ from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from lightning_distqat.config import DataConfig
 from lightning_distqat.data.errors import DataServerError, DataSourceError
 from lightning_distqat.data.order import epoch_batches, trainer_share
+from lightning_distqat.data.loader import Opened, cache_in_child, open_splits
 from lightning_distqat.data.shm import SharedTensors, Slot
-from lightning_distqat.data.sources import load_splits
-from lightning_distqat.data.tasks import make_collate
+from lightning_distqat.data.tasks import task_class
 
 __all__ = ["DataServer", "default_address", "compatibility_key"]
 
@@ -72,69 +71,46 @@ class DataServer:
         self._sessions: set[_Session] = set()
         self._sock: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
-        self.datasets: dict[str, Any] = {}
-        self.collate = None
+        self.rows: dict[str, int] = {}
+        """Rows per split (``train``, and ``validation`` when there is one)."""
+        self.opened: Optional[Opened] = None
+        """The loaded splits and their transform, when batches are transformed as they are served."""
         self.caches: dict[str, SharedTensors] = {}
+        """Splits transformed once into shared memory (the trainers gather their rows from these)."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "DataServer":
         """Load and check the dataset, then listen on :attr:`address`. Raises :class:`DataSourceError` for bad input
-        and :class:`DataServerError` when another server already listens there."""
+        and :class:`DataServerError` when another server already listens there.
+
+        Splits whose rows have a fixed shape are loaded and transformed once into shared memory by a short-lived
+        loader process (``data/loader.py``), so this process never imports datasets or PIL for them."""
         cfg = self.cfg
         for field, value, low in (("batch_size", cfg.batch_size, 1), ("num_trainers", cfg.num_trainers, 1),
                                   ("prefetch", cfg.prefetch, 1), ("shuffle_buffer", cfg.shuffle_buffer, 0)):
             if value < low:
                 raise DataSourceError(f"DataConfig.{field} must be >= {low}, got {value}")
         self._check_address_free()
-        splits = load_splits(cfg)
-        self.datasets = {"train": splits.train}
-        if splits.val is not None:
-            self.datasets["validation"] = splits.val
-        rows = len(splits.train)
-        if cfg.batch_size > rows:
-            raise DataSourceError(f"DataConfig.batch_size={cfg.batch_size} is larger than the train split of "
-                                  f"'{cfg.source}' ({rows} rows); use batch_size <= {rows}")
-        if rows // cfg.batch_size < cfg.num_trainers and cfg.drop_last:
-            log.warning("DataServer: %d full batches for %d trainers: some trainers get none", rows // cfg.batch_size,
-                        cfg.num_trainers)
-        self.collate = make_collate(cfg, list(splits.train.column_names))
-        self._prepare(self.datasets["train"], np.arange(min(2, rows)))  # fail now, not in a trainer, on bad rows
         try:
-            if cfg.cache and getattr(self.collate, "fixed_shape", False):
-                for name, ds in self.datasets.items():
-                    self._build_cache(name, ds)
+            cached = cache_in_child(cfg) if cfg.cache and task_class(cfg.task).fixed_shape else None
+            if cached is None:
+                self.opened = open_splits(cfg)
+                self.rows = self.opened.rows
+            else:
+                self.rows, self.caches = cached
             self._listen()
         except BaseException:
             self._close_caches()
             raise
-        sizes = ", ".join(f"{len(ds)} {name}" for name, ds in self.datasets.items())
-        log.info("DataServer: serving '%s' (%s rows; task %s; batch %d; %d trainer(s); seed %d) at %s", cfg.source,
-                 sizes, cfg.task, cfg.batch_size, cfg.num_trainers, cfg.seed, self.address)
+        train = self.rows["train"]
+        if train // cfg.batch_size < cfg.num_trainers and cfg.drop_last:
+            log.warning("DataServer: %d full batches for %d trainers: some trainers get none", train // cfg.batch_size,
+                        cfg.num_trainers)
+        sizes = ", ".join(f"{rows} {name}" for name, rows in self.rows.items())
+        cached_text = "transformed once into shared memory" if self.caches else "transformed as served"
+        log.info("DataServer: serving '%s' (%s rows, %s; task %s; batch %d; %d trainer(s); seed %d) at %s",
+                 cfg.source, sizes, cached_text, cfg.task, cfg.batch_size, cfg.num_trainers, cfg.seed, self.address)
         return self
-
-    def _build_cache(self, split: str, dataset: Any) -> None:
-        """Transform ``split`` once into shared memory (if it fits ``cache_max_gib``)."""
-        from tqdm.auto import tqdm
-
-        rows = len(dataset)
-        example = self.collate(dataset[:min(2, rows)])
-        row_bytes = sum(t[:1].numel() * t.element_size() for t in example.values())
-        if rows * row_bytes > self.cfg.cache_max_gib * 2**30:
-            log.info("DataServer: the transformed %s split needs %.1f GiB > cache_max_gib=%s; transforming batches as "
-                     "they are served", split, rows * row_bytes / 2**30, self.cfg.cache_max_gib)
-            return
-        cache = SharedTensors(rows, example)
-        self.caches[split] = cache
-        chunk = 256
-        with tqdm(total=rows, desc=f"DataServer: transforming {split}", unit="rows", leave=False,
-                  disable=rows < 20 * chunk) as bar:
-            for start in range(0, rows, chunk):
-                if self._stop.is_set():
-                    raise DataServerError("the data server was stopped while transforming its dataset")
-                cache.fill(start, self.collate(dataset[start:start + chunk]))
-                bar.update(min(chunk, rows - start))
-        log.info("DataServer: %s split transformed once into shared memory (%.1f MiB)", split,
-                 rows * row_bytes / 2**20)
 
     def _close_caches(self) -> None:
         for cache in self.caches.values():
@@ -215,8 +191,8 @@ class DataServer:
         return {
             "config": compatibility_key(self.cfg),
             "num_trainers": self.cfg.num_trainers,
-            "rows": {name: len(ds) for name, ds in self.datasets.items()},
-            "batches": {name: len(self.batches(name, 0)) for name in self.datasets},
+            "rows": dict(self.rows),
+            "batches": {name: len(self.batches(name, 0)) for name in self.rows},
             "pid": os.getpid(),
         }
 
@@ -225,7 +201,7 @@ class DataServer:
         key = (split, epoch if split == "train" else 0)
         with self._lock:
             if key not in self._epochs:
-                n, cfg = len(self.datasets[split]), self.cfg
+                n, cfg = self.rows[split], self.cfg
                 if split == "train":
                     batches = epoch_batches(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                             shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last)
@@ -239,9 +215,9 @@ class DataServer:
     def plan(self, session: "_Session", trainer_id: int, split: str, epoch: int) -> tuple[list[int], int]:
         """Batch indices this trainer gets in ``epoch`` and how many of them it has already acknowledged; makes
         ``session`` the trainer's only stream of ``split``."""
-        if split not in self.datasets:
+        if split not in self.rows:
             raise DataServerError(f"data server for '{self.cfg.source}' has no '{split}' split; it serves "
-                                  f"{', '.join(self.datasets)} (set DataConfig.val_split or val_fraction)")
+                                  f"{', '.join(self.rows)} (set DataConfig.val_split or val_fraction)")
         if not 0 <= trainer_id < self.cfg.num_trainers:
             raise DataServerError(f"trainer_id {trainer_id} is out of range for this data server "
                                   f"(num_trainers={self.cfg.num_trainers}); start it with num_trainers >= "
@@ -282,11 +258,6 @@ class DataServer:
             self._sessions.discard(session)
             for key in [k for k, s in self._active.items() if s is session]:
                 del self._active[key]
-
-    def _prepare(self, dataset: Any, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self.collate(dataset[ids.tolist()])
-        batch["sample_ids"] = torch.as_tensor(ids, dtype=torch.int64)
-        return batch
 
 
 class _Session(threading.Thread):
@@ -375,14 +346,15 @@ class _Stream:
         self._thread.start()
 
     def _produce(self) -> None:
-        dataset = self.server.datasets[self.split]
+        opened = self.server.opened
+        assert opened is not None, "an uncached split needs the opened dataset"
         batches = self.server.batches(self.split, self.epoch)
         try:
             for index in self.indices:
                 slot = self._take_free()
                 if slot is None:
                     return
-                layout = slot.write(self.server._prepare(dataset, batches[index]))
+                layout = slot.write(opened.prepare(self.split, batches[index]))
                 self._ready.put(("batch", index, slot, layout))
             self._ready.put(("end",))
         except Exception as e:  # one bad batch fails this trainer's request, never the server
@@ -420,3 +392,4 @@ class _Stream:
             self._thread.join(timeout=10)
         for slot in self._slots:
             slot.close()
+

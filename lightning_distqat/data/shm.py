@@ -1,5 +1,6 @@
-"""Batches in shared memory: the server writes a batch's tensors into a slot (one POSIX shared-memory segment), the
-trainer maps the segment by name and copies them out.
+"""Batches in shared memory: the server writes a batch's arrays into a slot (one POSIX shared-memory segment), the
+trainer maps the segment by name and copies them out (``client.SegmentReader``). Numpy only: the server's process
+needs no torch.
 
 Segments are named ``distqat_data_<server pid>_<n>`` so that what a dead server left behind can be found and removed.
 Only the server creates and unlinks segments; multiprocessing's resource tracker of the server's process tree unlinks
@@ -9,33 +10,35 @@ them if the server is killed. Trainers map segments without registering them, so
 from __future__ import annotations
 
 import itertools
-import math
-import mmap
 import os
-from collections import OrderedDict
 from multiprocessing import shared_memory
-from typing import Any
 
 import numpy as np
-import torch
 
-__all__ = ["SEGMENT_PREFIX", "Slot", "SharedTensors", "SegmentReader", "segments_of", "remove_segments_of"]
+__all__ = ["SEGMENT_PREFIX", "Layout", "Slot", "SharedTensors", "segment_prefix", "segments_of", "remove_segments_of"]
 
 SEGMENT_PREFIX = "distqat_data_"
 _ALIGN = 64
 _counter = itertools.count()
 
 Layout = list[tuple[str, str, tuple[int, ...], int, int]]
-"""Per tensor: key, dtype name, shape, byte offset, byte length."""
+"""Per array: key, dtype name (numpy's, which torch shares for these dtypes), shape, byte offset, byte length."""
 
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _create(size: int) -> shared_memory.SharedMemory:
-    name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}"
+def _create(size: int, prefix: str | None = None) -> shared_memory.SharedMemory:
+    """A new segment; its name starts with ``prefix`` (default ``distqat_data_<this pid>_``): the process whose pid
+    it names unlinks it."""
+    name = f"{prefix or segment_prefix(os.getpid())}{next(_counter)}"
     return shared_memory.SharedMemory(name=name, create=True, size=max(_ALIGN, size))
+
+
+def segment_prefix(pid: int, tag: str = "") -> str:
+    """How the names of process ``pid``'s segments start (``tag`` sets some of them apart)."""
+    return f"{SEGMENT_PREFIX}{pid}_{tag + '_' if tag else ''}"
 
 
 def _unlink(shm: shared_memory.SharedMemory) -> None:
@@ -49,42 +52,56 @@ def _unlink(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
-def _np_dtype(name: str) -> np.dtype:
-    return torch.empty(0, dtype=getattr(torch, name)).numpy().dtype
-
-
 class SharedTensors:
-    """Row-major tensors ``[rows, ...]`` in one segment of the server, filled chunk by chunk: a transformed split
-    that every trainer of the machine gathers its batches from."""
+    """Row-major arrays ``[rows, ...]`` in one segment of the server, filled chunk by chunk: a transformed split
+    that every trainer of the machine gathers its batches from.
 
-    def __init__(self, rows: int, example: dict[str, torch.Tensor]) -> None:
-        self.rows = rows
-        self.layout: Layout = []
+    ``SharedTensors.create(rows, example, prefix)`` makes the segment (the data loader's process does, naming it after
+    the server that will own it); ``SharedTensors.attach(name, layout)`` opens it in the server, which registers it
+    with its resource tracker and unlinks it at shutdown."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, layout: Layout) -> None:
+        self._shm, self.layout = shm, layout
+        self._views = {key: np.ndarray(shape, dtype=np.dtype(dtype), buffer=shm.buf, offset=start)
+                       if nbytes else None for key, dtype, shape, start, nbytes in layout}
+
+    @classmethod
+    def create(cls, rows: int, example: dict[str, np.ndarray], prefix: str | None = None) -> "SharedTensors":
+        layout: Layout = []
         offset = 0
-        for key, t in example.items():
-            row_shape = tuple(t.shape[1:])
-            nbytes = rows * t[:1].numel() * t.element_size()
-            self.layout.append((key, str(t.dtype).removeprefix("torch."), (rows, *row_shape), offset, nbytes))
+        for key, a in example.items():
+            nbytes = rows * a[:1].nbytes
+            layout.append((key, str(a.dtype), (rows, *a.shape[1:]), offset, nbytes))
             offset += _aligned(nbytes)
-        self._shm = _create(offset)
-        self._views = {key: torch.frombuffer(self._shm.buf, dtype=getattr(torch, dtype), count=math.prod(shape),
-                                             offset=start).view(shape) if nbytes else None
-                       for key, dtype, shape, start, nbytes in self.layout}
+        return cls(_create(offset, prefix), layout)
+
+    @classmethod
+    def attach(cls, name: str, layout: Layout) -> "SharedTensors":
+        return cls(shared_memory.SharedMemory(name=name), [(k, d, tuple(s), o, n) for k, d, s, o, n in layout])
 
     @property
     def name(self) -> str:
         return self._shm.name.lstrip("/")
 
-    def fill(self, start: int, tensors: dict[str, torch.Tensor]) -> None:
+    def fill(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Write a chunk of transformed rows at ``start``."""
         for key, view in self._views.items():
             if view is not None:
-                chunk = tensors[key]
-                view[start:start + len(chunk)].copy_(chunk)
+                chunk = arrays[key]
+                view[start:start + len(chunk)] = chunk
 
     def close(self) -> None:
+        """Unlink the segment."""
         self._views.clear()
         _unlink(self._shm)
+
+    def detach(self) -> None:
+        """Let go of the segment without unlinking it (it is another process's now)."""
+        from multiprocessing import resource_tracker
+
+        self._views.clear()
+        self._shm.close()
+        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
 
 
 class Slot:
@@ -98,21 +115,18 @@ class Slot:
         assert self._shm is not None
         return self._shm.name.lstrip("/")
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> Layout:
-        """Copy ``tensors`` into the segment and return where each one lies."""
+    def write(self, arrays: dict[str, np.ndarray]) -> Layout:
+        """Copy ``arrays`` into the segment and return where each one lies."""
         layout: Layout = []
         offset = 0
-        tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
-        for key, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            layout.append((key, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
-            offset += _aligned(nbytes)
+        arrays = {key: np.ascontiguousarray(a) for key, a in arrays.items()}
+        for key, a in arrays.items():
+            layout.append((key, str(a.dtype), tuple(a.shape), offset, a.nbytes))
+            offset += _aligned(a.nbytes)
         self._ensure(max(offset, _ALIGN))
-        buf = self._shm.buf
-        for (key, _, _, start, nbytes), t in zip(layout, tensors.values()):
+        for (key, _, _, start, nbytes), a in zip(layout, arrays.values()):
             if nbytes:
-                dst = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)
-                dst.copy_(t.view(-1).view(torch.uint8))
+                np.ndarray(a.shape, dtype=a.dtype, buffer=self._shm.buf, offset=start)[...] = a
         return layout
 
     def _ensure(self, size: int) -> None:
@@ -129,64 +143,20 @@ class Slot:
         _unlink(shm)
 
 
-class SegmentReader:
-    """A trainer's view of the server's segments: maps them by name (a few at a time) and copies batches out."""
-
-    def __init__(self, keep: int = 16) -> None:
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
-        self._keep = keep
-
-    def _map(self, name: str) -> mmap.mmap:
-        if name in self._maps:
-            self._maps.move_to_end(name)
-            return self._maps[name]
-        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
-        try:
-            m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self._maps[name] = m
-        while len(self._maps) > self._keep:
-            self._maps.popitem(last=False)[1].close()
-        return m
-
-    def read(self, name: str, layout: Layout) -> dict[str, Any]:
-        """Copies of the tensors that ``layout`` describes in segment ``name``."""
-        m = self._map(name)
-        out: dict[str, Any] = {}
-        for key, dtype, shape, start, nbytes in layout:
-            raw = torch.from_numpy(np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=start).copy())
-            out[key] = raw.view(getattr(torch, dtype)).view(shape)
-        return out
-
-    def gather(self, name: str, layout: Layout, ids: list[int]) -> dict[str, Any]:
-        """Copies of rows ``ids`` of the :class:`SharedTensors` that ``layout`` describes in segment ``name``."""
-        m = self._map(name)
-        index = np.asarray(ids, dtype=np.int64)
-        out: dict[str, Any] = {}
-        for key, dtype, shape, start, nbytes in layout:
-            rows = np.frombuffer(m, dtype=_np_dtype(dtype), count=math.prod(shape), offset=start).reshape(shape)
-            out[key] = torch.from_numpy(rows[index])
-        return out
-
-    def close(self) -> None:
-        while self._maps:
-            self._maps.popitem()[1].close()
-
-
-def segments_of(pid: int) -> list[str]:
-    """Names of the segments that the server process ``pid`` created and that still exist."""
-    prefix = f"{SEGMENT_PREFIX}{pid}_"
+def segments_of(pid: int, tag: str = "") -> list[str]:
+    """Names of the segments of the server process ``pid`` (with ``tag``, if given) that still exist."""
+    prefix = segment_prefix(pid, tag)
     try:
         return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
     except OSError:
         return []
 
 
-def remove_segments_of(pid: int) -> list[str]:
-    """Unlink the segments left by a server process ``pid`` that is known to be dead; returns their names."""
+def remove_segments_of(pid: int, tag: str = "") -> list[str]:
+    """Unlink the segments of process ``pid`` (with ``tag``, if given) that nobody will unlink; returns their
+    names."""
     removed = []
-    for name in segments_of(pid):
+    for name in segments_of(pid, tag):
         try:
             os.unlink(f"/dev/shm/{name}")
             removed.append(name)

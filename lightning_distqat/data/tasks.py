@@ -1,4 +1,5 @@
-"""Per-task transforms and collation: rows of a dataset (a dict of columns) become a dict of batched tensors.
+"""Per-task transforms and collation: rows of a dataset (a dict of columns) become a dict of batched numpy arrays
+(the data server's process needs no torch; the trainer's client turns its copies into tensors).
 
 Batches follow Hugging Face names: ``pixel_values``/``labels`` (image classification), ``input_ids``/
 ``attention_mask``/``labels`` (causal LM), ``input_values``/``attention_mask``/``labels`` (speech). Labels that a loss
@@ -10,14 +11,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from lightning_distqat.config import DataConfig
 from lightning_distqat.data.errors import DataSourceError
 
-__all__ = ["TASKS", "make_collate", "ByteTokenizer"]
+__all__ = ["TASKS", "task_class", "make_collate", "ByteTokenizer"]
 
-Collate = Callable[[dict[str, list]], dict[str, torch.Tensor]]
+Collate = Callable[[dict[str, list]], dict[str, np.ndarray]]
 
 
 def _require(columns: list[str], needed: dict[str, str], source: str, task: str) -> None:
@@ -44,8 +44,8 @@ class ImageClassification:
         self.cfg = cfg
         self.mode = "RGB" if cfg.channels == 3 else "L"
         mean, std = _per_channel(cfg.mean, cfg.channels, "mean"), _per_channel(cfg.std, cfg.channels, "std")
-        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-        self.shift = (mean / std).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std)).reshape(1, -1, 1, 1)
+        self.shift = (mean / std).reshape(1, -1, 1, 1)
 
     def _pixels(self, image: Any) -> np.ndarray:
         from PIL import Image
@@ -66,16 +66,15 @@ class ImageClassification:
         pixels = np.asarray(image, dtype=np.uint8)
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
-    def __call__(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
         # contiguous NCHW (np.stack of transposed views would keep a channels-last layout)
-        stacked = np.stack([self._pixels(img) for img in rows[self.cfg.image_column]])
-        pixels = torch.from_numpy(np.ascontiguousarray(stacked))
+        pixels = np.ascontiguousarray(np.stack([self._pixels(img) for img in rows[self.cfg.image_column]]))
         labels = rows[self.cfg.label_column]
         if not all(isinstance(v, (int, np.integer)) for v in labels):
             raise DataSourceError(f"task 'image_classification': column '{self.cfg.label_column}' must hold integer "
                                   f"class ids, got {type(labels[0]).__name__}")
-        return {"pixel_values": pixels.float() * self.scale - self.shift,
-                "labels": torch.tensor(labels, dtype=torch.int64)}
+        return {"pixel_values": pixels.astype(np.float32) * self.scale - self.shift,
+                "labels": np.asarray(labels, dtype=np.int64)}
 
 
 def _open_bytes(data: bytes):
@@ -86,10 +85,10 @@ def _open_bytes(data: bytes):
     return Image.open(io.BytesIO(data))
 
 
-def _per_channel(values: list[float], channels: int, name: str) -> torch.Tensor:
+def _per_channel(values: list[float], channels: int, name: str) -> np.ndarray:
     if len(values) not in (1, channels):
         raise DataSourceError(f"DataConfig.{name} needs 1 or {channels} values, got {values}")
-    t = torch.tensor(values, dtype=torch.float32).expand(channels).clone()
+    t = np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
     if name == "std" and bool((t <= 0).any()):
         raise DataSourceError(f"DataConfig.std must be > 0, got {values}")
     return t
@@ -143,16 +142,16 @@ class CausalLM:
         self.cfg = cfg
         self.tokenizer = _load_tokenizer(cfg)
 
-    def __call__(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
         texts = _texts(rows, self.cfg.text_column, self.cfg.task)
         length = self.cfg.seq_len
-        ids = torch.full((len(texts), length), self.tokenizer.pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((len(texts), length), dtype=torch.int64)
+        ids = np.full((len(texts), length), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(texts), length), dtype=np.int64)
         for i, text in enumerate(texts):
             tokens = self.tokenizer.encode(text)[:length]
-            ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+            ids[i, :len(tokens)] = tokens
             mask[i, :len(tokens)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 0, -100, ids)}
 
 
 class Speech:
@@ -190,26 +189,31 @@ class Speech:
             return [b + 1 for b in self.tokenizer.encode(text.lower())]
         return list(self.tokenizer(text).input_ids)
 
-    def __call__(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
         waves = [self._waveform(a) for a in rows[self.cfg.audio_column]]
         labels = [self._label_ids(t) for t in _texts(rows, self.cfg.text_column, self.cfg.task)]
         longest = max(len(w) for w in waves)
-        values = torch.zeros((len(waves), longest), dtype=torch.float32)
-        mask = torch.zeros((len(waves), longest), dtype=torch.int64)
+        values = np.zeros((len(waves), longest), dtype=np.float32)
+        mask = np.zeros((len(waves), longest), dtype=np.int64)
         for i, w in enumerate(waves):
-            values[i, :len(w)] = torch.from_numpy(w)
+            values[i, :len(w)] = w
             mask[i, :len(w)] = 1
-        label_ids = torch.full((len(labels), max(1, max(len(x) for x in labels))), -100, dtype=torch.int64)
+        label_ids = np.full((len(labels), max(1, max(len(x) for x in labels))), -100, dtype=np.int64)
         for i, x in enumerate(labels):
-            label_ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
+            label_ids[i, :len(x)] = x
         return {"input_values": values, "attention_mask": mask, "labels": label_ids}
 
 
 TASKS = {"image_classification": ImageClassification, "causal_lm": CausalLM, "speech": Speech}
 
 
+def task_class(task: str) -> type:
+    """The transform class of ``task``; a :class:`DataSourceError` names the valid tasks for an unknown one."""
+    if task not in TASKS:
+        raise DataSourceError(f"DataConfig.task '{task}' is unknown; expected one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
 def make_collate(cfg: DataConfig, columns: list[str]) -> Collate:
     """The transform-and-collate function of ``cfg.task`` for a dataset with ``columns``."""
-    if cfg.task not in TASKS:
-        raise DataSourceError(f"DataConfig.task '{cfg.task}' is unknown; expected one of {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg, columns)
+    return task_class(cfg.task)(cfg, columns)
