@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest --durations=15
 
 bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/startup.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pipeline_throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/diloco_benchmark.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/data_server.py

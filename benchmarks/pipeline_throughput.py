@@ -1,7 +1,8 @@
 """Throughput of the 3-stage embedded pipeline relative to training the same module in one process.
 
 For a small and a medium stage width, local and DistqatStrategy fits alternate (ROUNDS times each, in one run);
-samples/s are timed from on_train_start to on_train_end, so the swarm's start-up is excluded (and printed apart).
+samples/s are timed from on_train_start to on_train_end, so the swarm's start-up and teardown are excluded (and printed
+apart: the rest of the fit).
 Every process runs with OMP_NUM_THREADS=1.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline_throughput.py [--steps 40] [--rounds 3]
@@ -91,7 +92,7 @@ def main() -> None:
 
     print(f"\nbatch {args.batch}, {args.steps} steps per fit, median of {args.rounds} alternating rounds, "
           "OMP_NUM_THREADS=1 per process\n")
-    print("| stage width | params | one process (samples/s) | 3-stage pipeline (samples/s) | ratio | swarm start-up (s) |")
+    print("| stage width | params | one process (samples/s) | 3-stage pipeline (samples/s) | ratio | swarm start + stop (s) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for width, params, loc, rem, setup in rows:
         print(f"| {width} | {params / 1e6:.2f} M | {loc:.0f} | {rem:.0f} | {rem / loc:.2f} | {setup:.1f} |")
