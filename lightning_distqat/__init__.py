@@ -69,6 +69,8 @@ _REGISTRY_MODULE = "lightning.pytorch.strategies"
 
 
 def _register(registry: Any) -> None:
+    """Register ``"distqat"`` with a factory that imports the strategy when a Trainer asks for it (Lightning calls a
+    strategy class's ``register_strategies`` only for its own strategies)."""
     if "distqat" not in registry:
 
         def _make(**kwargs: Any) -> Any:
@@ -98,6 +100,7 @@ class _RegisterOnLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: Any) -> None:
         self._loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self._loader  # the module is Lightning's own again
         _register(module.StrategyRegistry)
 
 

@@ -108,13 +108,6 @@ class DistqatStrategy(LocalRanksStrategy):
             mix_in(plugin, ClipAcrossSwarm)._distqat_strategy = self
         self._precision_plugin = plugin
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(cls.strategy_name, cls,
-                                       description="Pipeline stages on hivemind swarm experts (lightning-distqat)")
-
     @property
     def pipeline(self) -> Optional[RemotePipeline]:
         """The experts this trainer holds, between setup and teardown (``None`` without stages)."""
@@ -198,10 +191,10 @@ class DistqatStrategy(LocalRanksStrategy):
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None,
                        **kwargs: Any) -> Any:
-        self._clip = {}
         result = super().optimizer_step(optimizer, closure, model, **kwargs)  # closure, clipping, local step
+        clip, self._clip = self._clip, {}  # set by clipping in the closure, or before the step (manual optimization)
         if self.pipeline is not None:
-            self.pipeline.step(optimizer, **self._clip)
+            self.pipeline.step(optimizer, **clip)
         self._stepped = True
         return result
 

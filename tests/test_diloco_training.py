@@ -217,3 +217,21 @@ def test_trainer_devices_2_runs_two_replicas(tmp_path, mode):
     for key, value in ranks[0]["state"].items():
         assert torch.allclose(value, ranks[1]["state"][key], rtol=1e-5, atol=1e-6), key
     assert ranks[0]["losses"] != ranks[1]["losses"], "each rank trains on its own shard of the data"
+
+
+@pytest.mark.timeout(300)
+def test_devices_2_a_rank_0_expert_that_cannot_start_fails_every_rank_with_its_cause(tmp_path):
+    """Rank 0's embedded experts cannot start: rank 1, waiting for them, gets rank 0's error at once instead of
+    waiting out startup_timeout (120 s), and the launch ends."""
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "tests/multi_trainer.py", str(tmp_path), "broken"], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        kill_pids(children_of(process.pid) | {process.pid})
+        raise
+    assert process.returncode != 0
+    assert "No module named 'only_in_the_trainers'" in output, output[-3000:]
+    assert "(rank 1): rank 0 could not start the swarm" in output, output[-3000:]
+    assert time.monotonic() - started < 100, "rank 1 waited for rank 0's experts instead of failing with its cause"

@@ -6,6 +6,7 @@ its own weights, configures their optimizers afresh and releases them at the end
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_distqat import DistqatStrategy
 from lightning_distqat.config import ExpertConfig
@@ -64,3 +65,29 @@ def test_parameters_match_plain_lightning(peers, optimizer, scheduler, trainer_k
     assert type(remote.stem).__name__ == "Sequential"
     before = make().state_dict()
     assert max_rel_diff(remote.state_dict(), before) > 1e-3, "stage weights did not change"
+
+
+class _ManualClip(ThreeStageNet):
+    """Manual optimization that clips by the norm over every stage before stepping."""
+
+    def __init__(self, clip: bool = True) -> None:
+        super().__init__(optimizer="sgd")
+        self.automatic_optimization, self.clip = False, clip
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self(x), y))
+        if self.clip:
+            self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+def test_manual_optimization_with_clipping_matches_plain_lightning(peers):
+    local, _ = fit_params(_ManualClip, max_steps=5)
+    unclipped, _ = fit_params(lambda: _ManualClip(clip=False), max_steps=5)
+    assert max_rel_diff(unclipped.state_dict(), local.state_dict()) > 1e-3, "the clipping at hand must matter"
+    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity")
+    remote, _ = fit_params(_ManualClip, max_steps=5, strategy=strategy)
+    assert max_rel_diff(remote.state_dict(), local.state_dict()) <= 1e-5

@@ -1,7 +1,9 @@
 """Entry point of the embedded data server's process: ``python -m lightning_distqat.data.child CONFIG_JSON PARENT_PID``.
 
 Prints one JSON line (``{"address"}`` or ``{"error", "message"}``), then serves until its stdin closes, its parent
-dies, or SIGTERM. It imports the data server (numpy, datasets), never torch, Lightning or hivemind.
+dies, or SIGTERM. While it loads, SIGTERM (which its parent's death also sends) ends it at once, and its loader
+process with it. It imports the data server and numpy, never torch, Lightning or hivemind (and datasets only for splits
+that are transformed as served).
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ def _set_on_eof(fd: int, event: threading.Event) -> None:
 def main(cfg_json: str, parent_pid: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the trainer, which stops this server
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)  # while loading, SIGTERM keeps its default: the process ends at once
     if os.getppid() != parent_pid:
         return 1
     logging.basicConfig(level=logging.WARNING, format="[data server] %(levelname)s %(name)s: %(message)s")
@@ -43,6 +44,7 @@ def main(cfg_json: str, parent_pid: int) -> int:
         except Exception as e:
             print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
             return 1
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # serving: leave cleanly
         print(json.dumps({"address": server.address}), flush=True)
         _set_on_eof(sys.stdin.fileno(), stop)  # the parent closed our stdin (or died)
         stop.wait()

@@ -72,7 +72,8 @@ class EmbeddedDataServer:
         return self.address
 
     def shutdown(self) -> None:
-        """Ask the child to stop (close its stdin); kill it if it does not within 15 s and remove what it left."""
+        """Ask the child to stop (close its stdin, SIGTERM: a child still loading ends at once, with its loader);
+        kill it if it does not stop within 15 s, and remove the segments it left."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -80,6 +81,8 @@ class EmbeddedDataServer:
             proc.stdin.close()
         except OSError:
             pass
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

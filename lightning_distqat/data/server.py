@@ -188,6 +188,7 @@ class DataServer:
 
     # ------------------------------------------------------------------ what sessions ask
     def info(self) -> dict[str, Any]:
+        """What a trainer needs to know: the compatibility key, trainers, rows and batches per split, pid."""
         return {
             "config": compatibility_key(self.cfg),
             "num_trainers": self.cfg.num_trainers,
@@ -254,6 +255,7 @@ class DataServer:
                             trainer_id, index, epoch, expected if expected < total else "none")
 
     def release(self, session: "_Session") -> None:
+        """Forget an ended session (its acknowledgements are kept)."""
         with self._lock:
             self._sessions.discard(session)
             for key in [k for k, s in self._active.items() if s is session]:

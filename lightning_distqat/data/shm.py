@@ -2,9 +2,11 @@
 trainer maps the segment by name and copies them out (``client.SegmentReader``). Numpy only: the server's process
 needs no torch.
 
-Segments are named ``distqat_data_<server pid>_<n>`` so that what a dead server left behind can be found and removed.
-Only the server creates and unlinks segments; multiprocessing's resource tracker of the server's process tree unlinks
-them if the server is killed. Trainers map segments without registering them, so a trainer that dies frees nothing.
+Segments are named ``distqat_data_<server pid>_<n>`` (the transformed splits, made by the server's loader process:
+``distqat_data_<server pid>_<loader tag>_<n>``), so that what a dead server left behind can be found and removed. The
+server unlinks them all; multiprocessing's resource tracker of the server's process unlinks them if the server is
+killed (the loader's own tracker, if the loader dies before it hands them over). Trainers map segments without
+registering them, so a trainer that dies frees nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class SharedTensors:
 
     @classmethod
     def create(cls, rows: int, example: dict[str, np.ndarray], prefix: str | None = None) -> "SharedTensors":
+        """A new segment for ``rows`` rows shaped like ``example``'s (a batch of the transform); see :func:`_create`
+        for ``prefix``."""
         layout: Layout = []
         offset = 0
         for key, a in example.items():
@@ -77,6 +81,7 @@ class SharedTensors:
 
     @classmethod
     def attach(cls, name: str, layout: Layout) -> "SharedTensors":
+        """Open segment ``name``, made by :meth:`create` with ``layout``, as its owner."""
         return cls(shared_memory.SharedMemory(name=name), [(k, d, tuple(s), o, n) for k, d, s, o, n in layout])
 
     @property

@@ -93,6 +93,7 @@ class DiLoCoSync:
         self.reports: list[RoundReport] = []
 
     def start(self) -> "DiLoCoSync":
+        """Join the averaging group (unless solo) and adopt a peer's outer state if one exists."""
         self._started = True
         if self.solo:
             return self
@@ -118,6 +119,7 @@ class DiLoCoSync:
         return self
 
     def shutdown(self) -> None:
+        """Leave the averaging group and stop its process."""
         if self._averager is not None:
             self._averager.stop()
             self._averager = None

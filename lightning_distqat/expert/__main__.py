@@ -11,7 +11,7 @@ main guard, scripts piped on stdin and notebooks all work. The protocol, all of 
   trainer's ``sys.path`` is in place, so classes it refers to by module (``my_project.layers.Block``) import here.
 - the report pipe (``--report-fd``): one JSON line, ``{"ready": {"peer_id", "maddrs", "timings"}}`` once the expert
   serves, or ``{"error": traceback}`` if it cannot start.
-- stderr: the expert's log lines, which the parent forwards.
+- stderr (stdout too: it is pointed at stderr): the expert's log lines and prints, which the parent forwards.
 
 The heavy imports come first, while the parent is still starting its own DHT node; the payload (which names that
 node as the initial peer) is read after them.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -48,6 +49,7 @@ def _stop_on_eof(fd: int, stop: Any) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Serve one stage until stopped; returns the exit code (1 if the expert could not start)."""
     timings = {"started": time.time()}
     parser = argparse.ArgumentParser(prog="python -m lightning_distqat.expert", description=__doc__.splitlines()[0])
     parser.add_argument("--report-fd", type=int, required=True)
@@ -65,6 +67,8 @@ def main(argv: list[str]) -> int:
     die_with_parent(signal.SIGTERM)
     if os.getppid() != args.parent:
         return 1
+    os.dup2(2, 1)  # a print() in the user's stage reaches the trainer's console with the log lines
+    multiprocessing.set_start_method("fork", force=True)  # hivemind's DHT and averager processes are built for fork
     stage = "?"
     try:
         import cloudpickle

@@ -46,9 +46,15 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "SwarmClient":
+        """Start this trainer's DHT node (joining ``initial_peers``) and its P2P handle; on failure nothing is left
+        running."""
         self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs)
-        self.runner = AsyncRunner(name="distqat-trainer-p2p").start()
-        self.p2p = self.runner.run(self.dht.replicate_p2p(), timeout=30)
+        try:
+            self.runner = AsyncRunner(name="distqat-trainer-p2p").start()
+            self.p2p = self.runner.run(self.dht.replicate_p2p(), timeout=30)
+        except BaseException:
+            self.shutdown()
+            raise
         return self
 
     @property

@@ -51,8 +51,9 @@ def start_dht(
     """Start a DHT node in a background process and wait until it is ready.
 
     A busy bootstrap peer can miss a new node's first connection (p2pd then exits with "failed to connect to bootstrap
-    peers", a ``P2PDaemonError``), so starting is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError`` naming the peers if the node cannot join:
-    check that ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
+    peers", a ``P2PDaemonError``), so starting is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError``
+    naming the peers if the node does not start in time, else the last ``P2PDaemonError``: check that
+    ``initial_peers`` are reachable multiaddrs (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
     """
     deadline = time.monotonic() + timeout
     for attempt in range(1, attempts + 1):
@@ -93,6 +94,7 @@ class AsyncRunner:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "AsyncRunner":
+        """Start the loop's thread; returns once the loop runs."""
         ready = threading.Event()
 
         def _main() -> None:
@@ -123,6 +125,7 @@ class AsyncRunner:
             raise TimeoutError(f"no result within {timeout}s") from None
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel what still runs on the loop, stop it and join its thread (waiting up to ``timeout`` seconds)."""
         if self._thread is None or self._loop is None:
             return
 

@@ -125,7 +125,8 @@ class EmbeddedSwarm:
         ``{"stage", "peer_id", "maddrs", "timings"}``.
 
         Raises :class:`ExpertStartupError` with the failing expert's traceback if one cannot start, or
-        ``TimeoutError`` after ``startup_timeout`` seconds; either way everything started is stopped first.
+        ``TimeoutError`` after ``startup_timeout`` seconds (sending the stage included); either way everything
+        started is stopped first.
         """
         self.launch()
         try:
@@ -138,40 +139,55 @@ class EmbeddedSwarm:
                 }))
                 for stage, module in self.stages.items()
             }
-            for expert in self._experts:
-                try:
-                    expert.process.stdin.write(blobs[expert.stage])
-                    expert.process.stdin.flush()
-                except BrokenPipeError:
-                    pass  # it died before reading; its report says why
-            self._wait_ready()
+            self._wait_ready({id(e): memoryview(blobs[e.stage]) for e in self._experts})
         except BaseException:
             self.shutdown()
             raise
         return [{"stage": e.stage, **e.info} for e in self._experts if e.info is not None]
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, unsent: dict[int, memoryview]) -> None:
+        """Write each expert its stage (non-blocking, as its pipe drains) and read its report, all under one
+        deadline."""
         deadline = time.monotonic() + self.startup_timeout
         selector = selectors.DefaultSelector()
         for expert in self._experts:
             selector.register(expert.report, selectors.EVENT_READ, expert)
+            os.set_blocking(expert.process.stdin.fileno(), False)
+            selector.register(expert.process.stdin, selectors.EVENT_WRITE, expert)
         try:
-            while selector.get_map():
+            while any(key.events & selectors.EVENT_READ for key in selector.get_map().values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    waiting = [key.data for key in selector.get_map().values()]
+                    waiting = [key.data for key in selector.get_map().values() if key.fileobj is key.data.report]
                     raise TimeoutError(
                         f"embedded swarm: the experts for {', '.join(e.name for e in waiting)} did not start within "
                         f"startup_timeout={self.startup_timeout:.0f}s (raise SwarmConfig.startup_timeout on a slow "
                         "machine). Their last lines:\n" + "\n".join(e.last_lines() for e in waiting)
                     )
-                for key, _ in selector.select(timeout=remaining):
+                for key, events in selector.select(timeout=remaining):
                     expert: _Expert = key.data
+                    if events & selectors.EVENT_WRITE:
+                        if self._send(expert, unsent):
+                            selector.unregister(expert.process.stdin)
+                        continue
                     line = expert.report.readline()
                     selector.unregister(expert.report)
                     self._take_report(expert, line)
         finally:
             selector.close()
+
+    @staticmethod
+    def _send(expert: _Expert, unsent: dict[int, memoryview]) -> bool:
+        """Write what the pipe takes of the expert's stage; True once all of it is written (or the expert died)."""
+        data = unsent[id(expert)]
+        try:
+            written = os.write(expert.process.stdin.fileno(), data)
+        except BlockingIOError:
+            return False
+        except BrokenPipeError:
+            return True  # it died before reading; its report says why
+        unsent[id(expert)] = data = data[written:]
+        return not data
 
     def _take_report(self, expert: _Expert, line: str) -> None:
         message = json.loads(line) if line.strip() else {}
@@ -221,7 +237,10 @@ class EmbeddedSwarm:
                 log.warning("expert for stage %s did not stop within %.0fs; killing it", expert.name,
                             self.shutdown_timeout)
             kill_process_group(expert.process.pid)  # the expert, if still there, and its DHT process and p2pd
-            expert.process.wait(5)
+            try:
+                expert.process.wait(5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel; go on with the others
+                log.error("expert for stage %s (pid %d) did not die after SIGKILL", expert.name, expert.process.pid)
         for expert in experts:
             if expert.forwarder is not None:
                 expert.forwarder.join(5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Optional, Sequence
@@ -64,6 +65,9 @@ class SwarmMembership:
         return bool(self.config.initial_peers)
 
     def join(self) -> "SwarmMembership":
+        """Start everything this trainer needs in the swarm (see the module docstring); on any failure, stop what was
+        started and raise. With ranks, rank 0's failure reaches the other ranks at once (through the rendezvous), so
+        they fail with its cause instead of waiting out ``startup_timeout``."""
         cfg = self.config
         start = time.monotonic()
         with ExitStack() as stack:
@@ -71,9 +75,11 @@ class SwarmMembership:
             if self.world_size > 1 and not self.joined_swarm:
                 self.rendezvous = Rendezvous.connect(self.rank, self.world_size, cfg.startup_timeout)
                 stack.callback(setattr, self, "rendezvous", None)  # dropping the store closes it
-                if self.rank > 0:  # says "done" however this ends; rank 0 waits for that before stopping experts
+                if self.rank == 0:
+                    stack.push(self._tell_ranks_on_failure)
+                else:  # says "done" however this ends; rank 0 waits for that before stopping experts
                     stack.callback(self._leave_rendezvous)
-                    peers = list(self.rendezvous.read("peers", cfg.startup_timeout))  # type: ignore[arg-type]
+                    peers = self._from_rank0("peers")
             if self.originals and not self.joined_swarm and self.rank == 0:
                 self.embedded = EmbeddedSwarm(
                     self.originals, replicas=self.world_size, startup_timeout=cfg.startup_timeout,
@@ -86,17 +92,14 @@ class SwarmMembership:
             stack.callback(self.client.shutdown)
             self.timings["dht"] = time.monotonic() - start
             if self.rendezvous is not None and self.rank == 0:
-                self.rendezvous.publish("peers", self.client.visible_maddrs)
-                stack.callback(self._leave_rendezvous)  # before the experts stop: the other ranks still use them
+                self.rendezvous.publish("peers", {"value": self.client.visible_maddrs})
+                stack.push(self._rank0_leaves)  # before the experts stop: the other ranks still use them
             if self.embedded is not None:
                 self.embedded.start(self.client.visible_maddrs)
                 if self.rendezvous is not None:
-                    self.rendezvous.mark("experts")
-            elif self.rendezvous is not None and self.originals and self.rendezvous.wait(["experts"],
-                                                                                         cfg.startup_timeout):
-                raise TimeoutError(f"DistqatStrategy (rank {self.rank}): rank 0 did not start its embedded experts "
-                                   f"within startup_timeout={cfg.startup_timeout:.0f}s (see rank 0's log; raise "
-                                   "SwarmConfig.startup_timeout on a slow machine)")
+                    self.rendezvous.publish("experts", {"value": True})
+            elif self.rendezvous is not None and self.originals:
+                self._from_rank0("experts")
             self.timings["experts"] = time.monotonic() - start - self.timings["dht"]
             if self.originals:
                 claimed = time.monotonic()
@@ -167,6 +170,36 @@ class SwarmMembership:
             self.rounds = None
             stack.close()
             self.client = self.embedded = self.pipeline = None
+
+    def _from_rank0(self, key: str) -> Any:
+        """What rank 0 published under ``key``; raises rank 0's own failure if it failed instead."""
+        assert self.rendezvous is not None
+        timeout = self.config.startup_timeout
+        try:
+            reply = self.rendezvous.read(key, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"DistqatStrategy (rank {self.rank}): rank 0 did not publish its {key} within "
+                               f"startup_timeout={timeout:.0f}s (see rank 0's log; raise SwarmConfig.startup_timeout "
+                               "on a slow machine)") from None
+        if "error" in reply:
+            raise RuntimeError(f"DistqatStrategy (rank {self.rank}): rank 0 could not start the swarm: "
+                               f"{reply['error']}")
+        return reply["value"]
+
+    def _tell_ranks_on_failure(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        """An ExitStack callback of rank 0: if it unwinds because of ``exc``, the other ranks get it as their answer
+        to whatever they still wait for."""
+        if exc is not None and self.rendezvous is not None:
+            cause = "".join(traceback.format_exception_only(exc)).strip()
+            for key in ("peers", "experts"):
+                if self.rendezvous.wait([key], 0.001):  # not published yet
+                    self.rendezvous.publish(key, {"error": cause})
+        return False
+
+    def _rank0_leaves(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        self._tell_ranks_on_failure(exc_type, exc, tb)
+        self._leave_rendezvous()
+        return False
 
     def _leave_rendezvous(self) -> None:
         assert self.rendezvous is not None

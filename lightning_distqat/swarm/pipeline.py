@@ -71,6 +71,7 @@ class RemotePipeline:
         return old
 
     def close(self) -> None:
+        """Stop the threads that fan calls out to the experts (the experts themselves belong to others)."""
         self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ the user's module
@@ -136,6 +137,7 @@ class RemotePipeline:
         return {"scheme": settings.qat, "group_size": settings.qat_group_size} if settings.qat else None
 
     def split_of(self, optimizer: Optimizer) -> Optional[OptimizerSplit]:
+        """The split of the user's ``optimizer`` (or of the LightningOptimizer around it); None if it has none."""
         return self.splits.get(id(getattr(optimizer, "_optimizer", optimizer)))
 
     def step(self, optimizer: Optimizer, *, clip_norm: Optional[tuple[float, float]] = None,

@@ -151,6 +151,8 @@ class ExpertHandle:
             raise self._fail("decoding", f"the expert's reply does not match its codec headers ({e})") from None
 
     def backward(self, request_id: str, grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """Backpropagate ``grad_outputs`` through forward ``request_id``; returns its input grads (None for inputs
+        that need none)."""
         header, tensors = self._encode({"request_id": request_id}, grad_outputs, self.gradients,
                                        f"gradient of stage '{self.stage}' output")
         reply, grads = self._stream_twice("rpc_backward", header, tensors)
@@ -172,9 +174,11 @@ class ExpertHandle:
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
 
     def get_state(self) -> dict[str, Any]:
+        """The stage's ``{"module": state dict, "optimizers": {index: state by parameter name}}``."""
         return tensor_to_state(self._stream_twice("rpc_get_state", {}, [])[1][0])
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Load (part of) what :meth:`get_state` returns into the stage."""
         self._stream_twice("rpc_set_state", {}, [state_to_tensor(state)])
 
     def diloco(self, op: str, timeout: Optional[float] = None, **fields: Any) -> dict[str, Any]:
@@ -182,6 +186,7 @@ class ExpertHandle:
         return self._unary("rpc_diloco", {"op": op, **fields}, timeout)
 
     def info(self, timeout: Optional[float] = None) -> dict[str, Any]:
+        """What the expert says of itself: stage, fingerprint, lease holder, throughput, requests, QAT."""
         return self._unary("rpc_info", {}, timeout)
 
     def claim(self, trainer_id: str, ttl: float, timeout: Optional[float] = None) -> dict[str, Any]:

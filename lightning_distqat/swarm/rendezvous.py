@@ -2,10 +2,10 @@
 
 Lightning's launcher gives every rank the same ``MASTER_ADDR``/``MASTER_PORT`` (meant for torch.distributed, which
 the strategy does not initialise). Rank 0 hosts a ``torch.distributed.TCPStore`` there, which needs no process group:
-it publishes the multiaddrs of its DHT node, the other ranks join through them and wait for rank 0's embedded
-experts before they claim theirs. All ranks meet before the first training step, so that DiLoCo's first round finds
-every replica. At the end every other rank says it is done, and rank 0 waits for that before it stops the embedded
-experts that the others still use (and the store with them).
+it publishes the multiaddrs of its DHT node (or its failure), the other ranks join through them and wait for rank 0's
+embedded experts before they claim theirs. With DiLoCo all ranks meet before the first training step, so that the
+first round finds every replica. At the end every other rank says it is done, and rank 0 waits for that before it
+stops the embedded experts that the others still use (and the store with them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from datetime import timedelta
 from typing import Iterable
 
-from torch.distributed import DistStoreError, TCPStore
+from torch.distributed import DistError, DistStoreError, TCPStore
 
 __all__ = ["Rendezvous"]
 
@@ -39,12 +39,16 @@ class Rendezvous:
         try:
             store = TCPStore(host, int(port), world_size, rank == 0, timeout=timedelta(seconds=timeout),
                              wait_for_workers=False)
-        except (DistStoreError, RuntimeError) as e:
-            raise TimeoutError(f"DistqatStrategy (rank {rank}): could not meet the other ranks at {host}:{port} "
-                               f"within {timeout:.0f}s ({e})") from None
+        except DistError as e:
+            if rank == 0:  # the port is taken, or the address is not this machine's
+                raise RuntimeError(f"DistqatStrategy (rank 0): cannot host the rendezvous of the ranks at {host}:"
+                                   f"{port} ({e}); set MASTER_PORT to a free port") from None
+            raise TimeoutError(f"DistqatStrategy (rank {rank}): could not meet rank 0 at {host}:{port} within "
+                               f"{timeout:.0f}s ({e})") from None
         return cls(store, rank, world_size)
 
     def publish(self, key: str, value: object) -> None:
+        """Publish ``value`` (JSON) under ``key`` for the other ranks."""
         self.store.set(key, json.dumps(value))
 
     def read(self, key: str, timeout: float) -> object:
