@@ -28,7 +28,8 @@ class SwarmConfig:
     """Prefix of every DHT key: trainers and experts of one experiment must share it."""
 
     initial_peers: Optional[list[str]] = None
-    """Multiaddrs of a running swarm (``logs/<experiment>/initial_peers.txt``). ``None`` starts an embedded swarm."""
+    """Multiaddrs of any peer of a running swarm (an expert logs its own at start). ``None`` starts an embedded
+    swarm."""
 
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     """Where this node's libp2p host listens. Loopback by default; use ``/ip4/0.0.0.0/tcp/<port>`` to be reachable."""
