@@ -1,10 +1,33 @@
-"""hivemind, imported once without its import-time noise: its MoE layers call ``torch.jit.script``, which current
-torch deprecates with a FutureWarning in every process. The filter applies to this import only; the user's warning
-filters stay as they are. Modules of ours that use hivemind import this first (``swarm/__init__.py`` and
-``quant/averaging.py``; everything else reaches hivemind through ``swarm``)."""
+"""hivemind, imported once, quietly and with one bound added. Modules of ours that use hivemind import this first
+(``swarm``, ``expert``, ``diloco/sync.py``, ``diloco/compression.py``, ``quant/averaging.py``).
+
+- Quietly: hivemind's MoE layers call ``torch.jit.script``, which current torch deprecates with a FutureWarning in
+  every process. The filter applies to this import only; the user's warning filters stay as they are.
+- Bounded: hivemind reads a message of a P2P stream whatever length it announces (``P2P.receive_raw_data``), so one
+  message from a stranger could take any amount of memory before any handler of ours sees it. In our processes a
+  stream message larger than ``MAX_STREAM_MESSAGE`` ends that stream instead. Our own messages are at most about
+  1 MiB (``swarm/messages.py``), hivemind's averaging parts well under that.
+"""
 
 import warnings
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     import hivemind  # noqa: F401
+
+from hivemind.p2p.p2p_daemon import P2P  # noqa: E402
+
+MAX_STREAM_MESSAGE = 16 << 20
+"""Largest single message of a P2P stream that our processes read (bytes)."""
+
+
+async def _receive_bounded(reader):  # noqa: ANN001, ANN202
+    header = await reader.readexactly(P2P.HEADER_LEN)
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > MAX_STREAM_MESSAGE:
+        raise ValueError(f"a P2P stream message announces {length} bytes; at most {MAX_STREAM_MESSAGE} are read")
+    return await reader.readexactly(length)
+
+
+if getattr(P2P.receive_raw_data, "__name__", "") != "_receive_bounded":
+    P2P.receive_raw_data = staticmethod(_receive_bounded)

@@ -50,6 +50,13 @@ class SwarmConfig:
     expert_device: str = "cpu"
     """Device of the experts that the embedded swarm starts (``"cpu"`` or ``"cuda:0"``...)."""
 
+    access_token: Optional[str] = field(default=None, repr=False)
+    """The experiment's shared secret: only peers that hold it can use its DHT and call its experts. ``None`` reads
+    ``DISTQAT_ACCESS_TOKEN`` from the environment; unset there too, the experiment is open to anyone who finds it."""
+
+    def __post_init__(self) -> None:
+        self.access_token = _token(self.access_token)
+
 
 @dataclass(kw_only=True)
 class ExpertConfig:
@@ -78,6 +85,35 @@ class ExpertConfig:
 
     max_pending_backward: int = 64
     """Forward contexts kept for backward; older ones are dropped (their backward then fails with a clear error)."""
+
+    max_pending_bytes: int = 2**30
+    """Bytes of inputs and outputs that the kept forward contexts may hold; older ones are dropped beyond it."""
+
+    max_request_bytes: int = 2**29
+    """Largest request an expert reads (bytes); a larger one is refused before it is read whole."""
+
+    max_request_messages: int = 1024
+    """Most messages one streamed request may announce."""
+
+    max_concurrent_per_peer: int = 8
+    """Requests one peer may have in flight at once; more are refused at once."""
+
+    max_lease_ttl: float = 300.0
+    """Longest lease a trainer gets per claim (seconds); it renews before it runs out."""
+
+    extra_optimizers: list[str] = field(default_factory=list)
+    """Class paths of optimizers this expert builds besides ``torch.optim``'s (imported at start-up). A request
+    never makes an expert import anything."""
+
+    trusted_peers: list[str] = field(default_factory=list)
+    """Peer ids that may name any importable optimizer class (the embedded swarm trusts its own trainer)."""
+
+    access_token: Optional[str] = field(default=None, repr=False)
+    """The experiment's shared secret (see :attr:`SwarmConfig.access_token`); ``None`` reads
+    ``DISTQAT_ACCESS_TOKEN``."""
+
+    def __post_init__(self) -> None:
+        self.access_token = _token(self.access_token)
 
 
 @dataclass(kw_only=True)
@@ -160,7 +196,8 @@ class DataConfig:
     """Batches prepared ahead for each trainer (when the split is not cached)."""
 
     address: Optional[str] = None
-    """Unix socket the server listens on. ``None``: ``<tmpdir>/distqat-data-<name>.sock``."""
+    """Unix socket the server listens on. ``None``: ``data-<name>.sock`` in the user's private directory
+    (``$XDG_RUNTIME_DIR/distqat`` or ``<tmpdir>/distqat-<uid>``, mode 0700)."""
 
     name: str = "default"
     """Name of the server on this machine (part of the default address)."""
@@ -245,3 +282,10 @@ def _check_quant(q: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}.{name}={q[name]!r} must be an int >= {low}")
     if q["int4_block_size"] % 2:
         raise ValueError(f"{where}.int4_block_size={q['int4_block_size']} must be even (two 4-bit codes share a byte)")
+
+
+def _token(value: Optional[str]) -> Optional[str]:
+    """An access token from a config field, else from ``DISTQAT_ACCESS_TOKEN``; None if neither is set."""
+    import os
+
+    return value or os.environ.get("DISTQAT_ACCESS_TOKEN") or None

@@ -16,6 +16,8 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_distqat.swarm.rendezvous import ensure_secret
+
 __all__ = ["LocalRanksStrategy"]
 
 
@@ -66,6 +68,7 @@ class LocalRanksStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         env = self.cluster_environment
         if self.num_processes > 1 and env is not None and not env.creates_processes_externally:
+            ensure_secret()  # the ranks this process launches inherit it and sign their rendezvous with it
             self._launcher = _SubprocessScriptLauncher(env, self.num_processes, 1)
 
     @override

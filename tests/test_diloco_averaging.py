@@ -1,5 +1,6 @@
 """DiLoCo rounds over real hivemind averaging on loopback: replicas agree after every round, a replica that does not
-show up is left out without blocking the others, and a late joiner starts from the current outer state."""
+show up is left out without blocking the others, a late joiner starts from the current outer state, and a broken or
+hostile replica cannot pull the honest ones away from their own average."""
 
 from __future__ import annotations
 
@@ -87,11 +88,11 @@ def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
                                lambda: go(b, models[1], opts[1], 20 + r, 8))
         assert [rep.group_size for rep in reports] == [2, 2], reports
         assert all(rep.bytes_sent > 0 for rep in reports)
-        # hivemind's all-reduce hands each peer its own part plus a delta, so replicas agree to float rounding
+        # every replica aggregates the same contributions in the same order: they agree bit for bit
         for oa, ob in zip(a.state.outer, b.state.outer):
-            assert torch.allclose(oa, ob, rtol=1e-6, atol=1e-8), "replicas differ after a round"
+            assert torch.equal(oa, ob), "replicas differ after a round"
         for pa, pb in zip(models[0].parameters(), models[1].parameters()):
-            assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-8)
+            assert torch.equal(pa, pb)
         assert a.state.round == b.state.round == r + 1
         assert not all(torch.equal(x, y) for x, y in zip(outer_before, a.state.outer)), "the outer step did nothing"
         reference.apply([(24 * pa + 8 * pb) / 32 for pa, pb in zip(pseudo[24], pseudo[8])])  # weighted by samples
@@ -156,3 +157,39 @@ def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):
         approx = torch.cat([o.reshape(-1) for o in results["int8"][replica]])
         step = (exact - start).norm()
         assert (approx - exact).norm() <= 0.02 * step, "int8 averaging moved the outer params off the fp32 result"
+
+
+@pytest.mark.parametrize("attack", ["nan", "huge", "weight"])
+def test_one_hostile_replica_of_three_cannot_move_the_honest_ones(two_nodes, attack):
+    """The third replica sends NaN, values of 1e30, or claims 1e30 samples. The honest two end the round finite and
+    within 1e-3 (relative) of the round they would have had without it, and say whom they left out."""
+    nodes, syncs = two_nodes
+    torch.manual_seed(0)
+    base = nn.Linear(5, 2)
+    models = [copy.deepcopy(base) for _ in range(3)]
+    cfg = DiLoCoConfig(inner_steps=2, matchmaking_time=2.0, averaging_timeout=15.0)
+    trio = [DiLoCoSync(list(m.parameters()), cfg, dht=d, prefix=f"t_attack_{attack}") for m, d in zip(models, nodes)]
+    syncs += trio
+    for sync in trio:
+        sync.start()
+    for i in range(3):
+        _inner_steps(models[i], torch.optim.SGD(models[i].parameters(), lr=0.05), 40 + i, 2)
+    honest_only = copy.deepcopy(trio[0].state)
+    pseudo = [s.state.pseudo_gradients() for s in trio[:2]]
+    honest_only.apply([(16 * a + 8 * b) / 24 for a, b in zip(pseudo[0], pseudo[1])])
+    with torch.no_grad():
+        for p in models[2].parameters():
+            if attack == "nan":
+                p.fill_(float("nan"))
+            elif attack == "huge":
+                p.fill_(-1e30)
+    hostile_samples = 1e30 if attack == "weight" else 8
+
+    reports = _in_parallel(lambda: trio[0].round(samples=16), lambda: trio[1].round(samples=8),
+                           lambda: trio[2].round(samples=hostile_samples))
+    for report, sync in zip(reports[:2], trio[:2]):
+        assert report.group_size == 2, report
+        assert list(report.excluded) == [trio[2]._averager.peer_id.to_base58()], report.excluded
+        for got, want in zip(sync.state.outer, honest_only.outer):
+            assert torch.isfinite(got).all()
+            assert float((got - want).detach().norm()) <= 1e-3 * float(want.detach().norm()), (attack, got, want)

@@ -47,7 +47,7 @@ def one_expert():
         client.start()
         swarm.start(client.visible_maddrs)
         handle = client.claim_pipeline({"proj": stage_fingerprint(stage)})["proj"]
-        yield stage, handle, swarm
+        yield stage, handle, client
     finally:
         client.release_all()
         swarm.shutdown()
@@ -88,9 +88,16 @@ def test_expert_rejects_bad_tensors_and_serves_the_next_request(one_expert):
 
 @pytest.mark.swarm
 def test_lease_keeps_other_trainers_out(one_expert):
-    _, handle, _ = one_expert
-    reply = handle.claim("someone-else", ttl=30)
-    assert reply == {"granted": False, "holder": handle.trainer_id}
+    _, handle, client = one_expert
+    other = SwarmClient(SwarmConfig(experiment="errors", initial_peers=client.visible_maddrs, request_timeout=20))
+    try:
+        other.start()
+        intruder = other.handle("proj", handle.peer_id)
+        assert intruder.claim(ttl=30)["granted"] is False
+        with pytest.raises(ExpertError, match="needs the expert's lease"):
+            intruder.get_state()
+    finally:
+        other.shutdown()
 
 
 class _KillExpertAt(Callback):

@@ -24,22 +24,24 @@ def test_fingerprint_tracks_names_and_shapes():
 
 
 def test_record_validation():
-    good = ExpertRecord(peer_id="p", stage="s", fingerprint="f", throughput=2.0, lease_holder="t")
+    good = ExpertRecord(peer_id="p", stage="s", fingerprint="f", version=3, throughput=2.0, leased=True)
     assert ExpertRecord.from_dict(good.to_dict()) == good
     for bad in ["x", {"peer_id": 1, "stage": "s", "fingerprint": "f"}, {**good.to_dict(), "evil": True},
-                {**good.to_dict(), "lease_holder": 3}]:
+                {**good.to_dict(), "leased": 3}, {**good.to_dict(), "throughput": float("nan")},
+                {**good.to_dict(), "version": -1}, {**good.to_dict(), "throughput": 2}, {**good.to_dict(), "stage": ""}]:
         with pytest.raises(RecordError):
             ExpertRecord.from_dict(bad)
 
 
-def test_rank_candidates_prefers_free_matching_fast():
+def test_rank_candidates_prefers_free_newer_and_faster():
     records = [
-        ExpertRecord(peer_id="a", stage="s", fingerprint="f", throughput=1.0, lease_holder="other"),
+        ExpertRecord(peer_id="a", stage="s", fingerprint="f", throughput=1.0, leased=True),
         ExpertRecord(peer_id="b", stage="s", fingerprint="f", throughput=1.0),
         ExpertRecord(peer_id="c", stage="s", fingerprint="f", throughput=5.0),
+        ExpertRecord(peer_id="e", stage="s", fingerprint="f", version=2, throughput=0.5),
         ExpertRecord(peer_id="d", stage="s", fingerprint="wrong", throughput=9.0),
     ]
-    assert [r.peer_id for r in rank_candidates(records, "f", "me")] == ["c", "b", "a"]
+    assert [r.peer_id for r in rank_candidates(records, "f")] == ["e", "c", "b", "a"]
 
 
 def test_pack_unpack_round_trip_splits_large_tensors():
@@ -187,3 +189,32 @@ def test_the_strategy_leaves_the_callers_configs_alone():
     strategy = DistqatStrategy(stages=["a"], swarm=swarm, experiment="other", initial_peers=["/ip4/1.2.3.4/tcp/1"])
     assert (swarm.experiment, swarm.initial_peers) == ("distqat", None)
     assert (strategy.swarm_config.experiment, strategy.swarm_config.initial_peers) == ("other", ["/ip4/1.2.3.4/tcp/1"])
+
+
+def test_a_step_with_gradients_that_are_not_finite_is_skipped_and_says_so():
+    backend = StageBackend("s", nn.Linear(3, 2))
+    backend.configure_optimizer(0, {"cls": "torch.optim.SGD", "defaults": {"lr": 0.1},
+                                    "groups": [{"param_names": ["weight", "bias"]}]})
+    before = {k: v.clone() for k, v in backend.module.state_dict().items()}
+    backend.module.weight.grad = torch.full_like(backend.module.weight, float("nan"))
+    backend.module.bias.grad = torch.ones_like(backend.module.bias)
+    reason = backend.step(0, [{"lr": 0.1, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False,
+                               "maximize": False, "foreach": None, "differentiable": False, "fused": None}])
+    assert reason is not None and "non-finite" in reason and "skipped" in reason
+    assert all(torch.equal(v, before[k]) for k, v in backend.module.state_dict().items())
+    assert backend.module.weight.grad is None, "the bad gradients are dropped"
+
+
+def test_a_peers_outer_state_is_used_only_if_finite_and_near():
+    from lightning_distqat.diloco.config import DiLoCoConfig
+    from lightning_distqat.diloco.sync import DiLoCoSync
+
+    model = nn.Linear(4, 2)
+    sync = DiLoCoSync(list(model.parameters()), DiLoCoConfig(max_state_distance=1.0), dht=None, prefix="p", solo=True)
+    near = {"outer": [o.detach() * 1.1 for o in sync.state.outer]}
+    sync._check_peer_state(near)
+    for bad, cause in [({"outer": [torch.full_like(o, float("nan")) for o in sync.state.outer]}, "not finite"),
+                       ({"outer": [o.detach() * 100 for o in sync.state.outer]}, "away from ours"),
+                       ({"outer": [torch.zeros(3)]}, "do not match"), ("junk", "not an outer state")]:
+        with pytest.raises(ValueError, match=cause):
+            sync._check_peer_state(bad)

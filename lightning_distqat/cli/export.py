@@ -21,7 +21,15 @@ def export(cfg: DictConfig) -> str:
     from lightning_distqat.quant.export import export_quantized
 
     model = instantiate(cfg.model)
-    checkpoint = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    trusted = bool(cfg.get("trusted_checkpoint", False))
+    try:
+        checkpoint = torch.load(cfg.checkpoint, map_location="cpu", weights_only=not trusted)
+    except Exception as e:  # noqa: BLE001 - torch's UnpicklingError names the type it would not load
+        if trusted:
+            raise
+        raise SystemExit(f"distqat-export: {cfg.checkpoint} holds more than tensors and plain values, which are not "
+                         f"loaded from a file by default ({type(e).__name__}: {str(e).splitlines()[0]}). If you trust "
+                         "this file, add trusted_checkpoint=true") from None
     model.load_state_dict(checkpoint.get("state_dict", checkpoint))
     quant: QuantConfig = instantiate(cfg.quant, _convert_="all")
     export_quantized(model, list(cfg.stages), quant, cfg.output)

@@ -9,14 +9,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from multiprocessing.connection import Connection
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from lightning_distqat.data.errors import DataServerError, DataSourceError
-from lightning_distqat.data.shm import Layout
+from lightning_distqat.data.shm import SEGMENT_PREFIX, Layout
+from lightning_distqat.data.wire import WireError, recv, send
 
 __all__ = ["DataClient", "SegmentReader"]
 
@@ -30,6 +30,8 @@ class SegmentReader:
         self._keep = keep
 
     def _map(self, name: str) -> mmap.mmap:
+        if not (isinstance(name, str) and name.startswith(SEGMENT_PREFIX) and name.replace("_", "").isalnum()):
+            raise DataServerError(f"the data server named a segment {name!r} that is not one of its own")
         if name in self._maps:
             self._maps.move_to_end(name)
             return self._maps[name]
@@ -74,7 +76,7 @@ class DataClient:
         self.address = address
         self.trainer_id = trainer_id
         self.request_timeout = request_timeout
-        self._conn: Optional[Connection] = None
+        self._sock: Optional[socket.socket] = None
         self._reader = SegmentReader()
         self._cache: Optional[tuple] = None
 
@@ -93,22 +95,25 @@ class DataClient:
                     raise DataServerError(f"no data server answers at {self.address} ({e}); start one with "
                                           f"`distqat-data` or let SharedMemoryDataModule start its own") from None
                 pause.wait(0.1)
-        self._conn = Connection(sock.detach())
+        sock.settimeout(self.request_timeout)
+        self._sock = sock
         return self
 
-    def _request(self, message: tuple) -> tuple:
-        if self._conn is None:
+    def _request(self, message: tuple) -> list:
+        if self._sock is None:
             self.connect()
+        assert self._sock is not None
         try:
-            self._conn.send(message)
-            if not self._conn.poll(self.request_timeout):
-                raise DataServerError(f"the data server at {self.address} did not answer {message[0]!r} within "
-                                      f"request_timeout={self.request_timeout}s")
-            reply = self._conn.recv()
-        except (EOFError, OSError) as e:
+            send(self._sock, list(message))
+            reply = recv(self._sock)
+        except socket.timeout:
             self.close()
-            raise DataServerError(f"lost the data server at {self.address} ({type(e).__name__}); it stopped or was "
-                                  f"killed") from None
+            raise DataServerError(f"the data server at {self.address} did not answer {message[0]!r} within "
+                                  f"request_timeout={self.request_timeout}s") from None
+        except (EOFError, OSError, WireError) as e:
+            self.close()
+            raise DataServerError(f"lost the data server at {self.address} ({type(e).__name__}: {e}); it stopped or "
+                                  "was killed") from None
         if reply[0] == "error":
             cls = DataSourceError if reply[1] == "DataSourceError" else DataServerError
             raise cls(reply[2])
@@ -140,18 +145,18 @@ class DataClient:
 
     def ack(self, epoch: int, index: int) -> None:
         """Tell the server this trainer finished training on batch ``index`` of ``epoch`` (no reply)."""
-        if self._conn is None:
+        if self._sock is None:
             raise DataServerError(f"cannot acknowledge batch {index}: not connected to {self.address}")
         try:
-            self._conn.send(("ack", self.trainer_id, epoch, index))
+            send(self._sock, ["ack", self.trainer_id, epoch, index])
         except OSError as e:
             raise DataServerError(f"lost the data server at {self.address} ({e})") from None
 
     def close(self) -> None:
         self._reader.close()
-        if self._conn is not None:
+        if self._sock is not None:
             try:
-                self._conn.close()
+                self._sock.close()
             except OSError:
                 pass
-            self._conn = None
+            self._sock = None

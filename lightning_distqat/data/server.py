@@ -17,11 +17,9 @@ import logging
 import os
 import queue
 import socket
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import asdict
-from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import numpy as np
@@ -32,6 +30,7 @@ from lightning_distqat.data.order import epoch_batches, trainer_share
 from lightning_distqat.data.loader import Opened, cache_in_child, open_splits
 from lightning_distqat.data.shm import SharedTensors, Slot
 from lightning_distqat.data.tasks import task_class
+from lightning_distqat.data.wire import WireError, peer_uid, private_dir, recv, send
 
 __all__ = ["DataServer", "default_address", "compatibility_key"]
 
@@ -42,8 +41,9 @@ _RECONNECT_GRACE = 2.0
 
 
 def default_address(cfg: DataConfig, suffix: str = "") -> str:
-    """Where a server of this config listens: ``cfg.address`` or ``<tmpdir>/distqat-data-<name><suffix>.sock``."""
-    return cfg.address or os.path.join(tempfile.gettempdir(), f"distqat-data-{cfg.name}{suffix}.sock")
+    """Where a server of this config listens: ``cfg.address``, or ``data-<name><suffix>.sock`` in the user's private
+    socket directory (``wire.private_dir``)."""
+    return cfg.address or os.path.join(private_dir(), f"data-{cfg.name}{suffix}.sock")
 
 
 def compatibility_key(cfg: DataConfig) -> dict[str, Any]:
@@ -178,6 +178,14 @@ class DataServer:
                 sock, _ = self._sock.accept()
             except OSError:  # shut down (or a connection that failed on its way in)
                 continue
+            try:
+                uid = peer_uid(sock)
+            except OSError:
+                uid = -1
+            if uid != os.getuid():  # only this user's processes (the socket's directory keeps others out too)
+                log.warning("DataServer: refused a connection from user %d", uid)
+                sock.close()
+                continue
             session = _Session(self, sock)
             with self._lock:
                 if self._stop.is_set():
@@ -268,8 +276,9 @@ class _Session(threading.Thread):
     def __init__(self, server: DataServer, sock: socket.socket) -> None:
         super().__init__(name="distqat-data-session", daemon=True)
         self.server, self.sock = server, sock
-        self.conn = Connection(os.dup(sock.fileno()))
         self.alive = True
+        self.trainer_id: Optional[int] = None
+        """The trainer this connection serves (set by its first ``start``); its ``ack``s count for it alone."""
         self._stream: Optional[_Stream] = None
 
     def close(self) -> None:
@@ -282,46 +291,62 @@ class _Session(threading.Thread):
     def run(self) -> None:
         try:
             while not self.server._stop.is_set():
-                reply = self._handle(self.conn.recv())
+                reply = self._handle(recv(self.sock))
                 if reply is not None:
-                    self.conn.send(reply)
+                    send(self.sock, reply)
         except (EOFError, OSError):
             pass  # the trainer went away (normal exit or crash), or the server stops; what was acknowledged is kept
+        except (WireError, TypeError, ValueError) as e:  # a malformed message: this connection ends, nothing else
+            log.warning("DataServer: closed a connection that sent a malformed message (%s)", e)
         finally:
             self.alive = False
             if self._stream is not None:
                 self._stream.stop()
             self.server.release(self)
-            for closing in (self.conn.close, self.sock.close):
-                try:
-                    closing()
-                except OSError:
-                    pass
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
-    def _handle(self, message: tuple) -> Optional[tuple]:
+    def _handle(self, message: list) -> Optional[tuple]:
         kind = message[0]
         try:
-            if kind == "info":
+            if kind == "info" and len(message) == 1:
                 return ("info", self.server.info())
             if kind == "start":
-                _, trainer_id, split, epoch = message
+                _, trainer_id, split, epoch = _typed(message, int, str, int)
+                if self.trainer_id not in (None, trainer_id):
+                    raise DataServerError(f"this connection serves trainer {self.trainer_id}; connect again as "
+                                          f"trainer {trainer_id}")
                 share, done = self.server.plan(self, trainer_id, split, epoch)
+                self.trainer_id = trainer_id
                 if self._stream is not None:
                     self._stream.stop()
                 self._stream = _Stream(self.server, split, epoch, share[done:])
                 cache = self.server.caches.get(split)
                 return ("started", len(share), done, (cache.name, cache.layout) if cache is not None else None)
-            if kind == "next":
+            if kind == "next" and len(message) == 1:
                 if self._stream is None:
                     return ("error", "DataServerError", "'next' before 'start'")
                 return self._stream.next()
             if kind == "ack":
-                _, trainer_id, epoch, index = message
-                self.server.ack(trainer_id, epoch, index)
+                _, trainer_id, epoch, index = _typed(message, int, int, int)
+                if trainer_id == self.trainer_id:
+                    self.server.ack(trainer_id, epoch, index)
+                else:  # one trainer cannot count batches for another
+                    log.warning("DataServer: a connection of trainer %s acknowledged for trainer %s; ignored",
+                                self.trainer_id, trainer_id)
                 return None
             return ("error", "DataServerError", f"unknown request {kind!r}")
         except (DataServerError, DataSourceError) as e:
             return ("error", type(e).__name__, str(e))
+
+
+def _typed(message: list, *types: type) -> list:
+    """``message`` if its fields after the kind have ``types`` (bools are not ints); ``TypeError`` otherwise."""
+    if len(message) != len(types) + 1 or not all(type(v) is t for v, t in zip(message[1:], types)):
+        raise TypeError(f"malformed {message[0]!r} message: {message!r}")
+    return message
 
 
 class _Stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -49,7 +50,33 @@ class DiLoCoConfig:
     codec_block_size: int = 256
     """Values per scale of the ``int8``/``int4`` pseudo-gradient codecs."""
 
+    max_weight_ratio: float = 100.0
+    """A replica whose weight (samples since the last round) exceeds this times the median weight of its group is left
+    out of the round (a replica cannot claim to have done all the work)."""
+
+    max_norm_ratio: float = 10.0
+    """With three replicas or more, one whose pseudo-gradient norm exceeds this times the median norm is left out."""
+
+    clip_factor: float = 4.0
+    """CenteredClip radius, in median distances of the contributions from their mean: contributions within it
+    average exactly; one farther off moves the result by at most its weight share of the radius."""
+
+    max_state_distance: float = 10.0
+    """A peer's outer state is adopted only if its distance from this replica's outer params, relative to their norm,
+    is at most this (and all of it is finite)."""
+
     def __post_init__(self) -> None:
+        for name in ("outer_lr", "averaging_timeout", "matchmaking_time", "max_weight_ratio", "max_norm_ratio",
+                     "clip_factor", "max_state_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"DiLoCoConfig: {name} must be a finite number > 0, got {value!r}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"DiLoCoConfig: outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if not isinstance(self.codec_block_size, int) or not 2 <= self.codec_block_size <= 2**16:
+            raise ValueError(f"DiLoCoConfig: codec_block_size must be an int in [2, 65536], got "
+                             f"{self.codec_block_size!r}")
         if self.inner_steps < 1:
             raise ValueError(f"DiLoCoConfig: inner_steps must be >= 1, got {self.inner_steps}")
         if self.pseudo_gradient_codec not in PSEUDO_GRADIENT_CODECS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -11,8 +11,13 @@ from lightning_distqat.diloco.config import DiLoCoConfig
 __all__ = ["OuterState", "outer_optimizer"]
 
 
-def outer_optimizer(params: list[torch.nn.Parameter], config: DiLoCoConfig) -> torch.optim.Optimizer:
-    """The outer optimizer of ``config``: Nesterov SGD by default, or ``config.outer_optimizer`` by class path."""
+def outer_optimizer(params: list[torch.nn.Parameter], config: DiLoCoConfig,
+                    cls: Optional[type[torch.optim.Optimizer]] = None) -> torch.optim.Optimizer:
+    """The outer optimizer of ``config``: Nesterov SGD by default, else ``cls`` (an expert resolves
+    ``config.outer_optimizer`` through its allowlist) or ``config.outer_optimizer`` imported by class path (the
+    trainer's own config)."""
+    if cls is not None:
+        return cls(params, **{**config.outer_optimizer_kwargs, "lr": config.outer_lr})
     if config.outer_optimizer is None:
         return torch.optim.SGD(
             params, lr=config.outer_lr, momentum=config.outer_momentum,
@@ -33,10 +38,11 @@ def outer_optimizer(params: list[torch.nn.Parameter], config: DiLoCoConfig) -> t
 class OuterState:
     """Outer params (CPU) and the outer optimizer for a list of live local params."""
 
-    def __init__(self, local: Sequence[torch.Tensor], config: DiLoCoConfig) -> None:
+    def __init__(self, local: Sequence[torch.Tensor], config: DiLoCoConfig,
+                 optimizer_cls: Optional[type[torch.optim.Optimizer]] = None) -> None:
         self.local = list(local)
         self.outer = [torch.nn.Parameter(p.detach().to("cpu", copy=True)) for p in self.local]
-        self.optimizer = outer_optimizer(self.outer, config)
+        self.optimizer = outer_optimizer(self.outer, config, optimizer_cls)
         self.round = 0
 
     def pseudo_gradients(self) -> list[torch.Tensor]:

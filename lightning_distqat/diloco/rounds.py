@@ -86,6 +86,8 @@ class TrainerRounds:
             if r.get("failed"):
                 log.warning("DiLoCo round %d of group '%s' went on without averaging (%s)", r["round"], group,
                             r["failed"])
+            if r.get("excluded"):
+                log.warning("DiLoCo round %d of group '%s' left out %s", r["round"], group, r["excluded"])
         report = {
             "inner_step": self.inner_steps,
             "round": min(r["round"] for r in per_group.values()),

@@ -4,19 +4,27 @@ outer state from a peer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import multiprocessing as mp
 import os
 import signal
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import torch
 
 from lightning_distqat import _hivemind  # noqa: F401  (imports hivemind quietly, before the lines below do)
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from lightning_distqat._process import die_with_parent, exit_with_parent
+from lightning_distqat.diloco.aggregate import Contribution, robust_aggregate
 from lightning_distqat.diloco.compression import compressed_bytes, pseudo_gradient_compression
 from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.diloco.outer import OuterState
@@ -37,16 +45,51 @@ class RoundReport:
     bytes_sent: int
     bytes_received: int
     failed: Optional[str] = None
-    """Why the all-reduce failed, when it did (the replica then loaded a peer's newer state or stepped alone)."""
+    """Why the exchange failed, when it did (the replica then loaded a peer's newer state or stepped alone)."""
+    excluded: dict[str, str] = field(default_factory=dict)
+    """Replicas of the group whose contributions were left out (by peer id), and why."""
 
 
 class _Averager(DecentralizedAverager):
-    """hivemind's averager for pseudo-gradients; shares the outer state with late joiners; never outlives its host."""
+    """hivemind's averager for pseudo-gradients; shares the outer state with late joiners; never outlives its host.
 
-    def __init__(self, state_fn: Callable[[], OuterState], *args: Any, **kwargs: Any) -> None:
+    hivemind forms the group (matchmaking over the DHT); the data then goes by an all-gather instead of hivemind's
+    butterfly all-reduce: every replica sends its (compressed) pseudo-gradient and weight to every other member
+    (``rpc_exchange_pseudo_gradients``) and computes :func:`robust_aggregate` of all of them itself. So no replica
+    reduces another's part (a hostile reducer could return anything), one hostile or broken replica is screened out
+    or clipped, and replicas that received the same contributions hold bit-identical results. Each round's outcome
+    (who went in, who was left out, bytes) goes to the host through a pipe.
+    """
+
+    def __init__(self, state_fn: Callable[[], OuterState], config: DiLoCoConfig, *args: Any, **kwargs: Any) -> None:
         self._state_fn = state_fn
+        self._diloco = config
         self._host_pid = os.getpid()
+        self._outcomes, self._outcome_sender = mp.Pipe(duplex=False)
+        self._inbox: dict[bytes, dict[str, tuple[float, list[runtime_pb2.Tensor]]]] = {}
+        self._members: dict[bytes, set[str]] = {}
+        self._changed: Optional[asyncio.Condition] = None  # made in the averager's own event loop
         super().__init__(*args, **kwargs)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (on arrivals, not the clock) until ``predicate()`` holds or ``timeout`` passes; returns it."""
+        condition = self._condition()
+        async with condition:
+            try:
+                await asyncio.wait_for(condition.wait_for(predicate), max(0.0, timeout))
+            except asyncio.TimeoutError:
+                pass
+        return predicate()
+
+    async def _notify(self) -> None:
+        condition = self._condition()
+        async with condition:
+            condition.notify_all()
 
     def run(self) -> None:
         die_with_parent(signal.SIGTERM)
@@ -73,20 +116,131 @@ class _Averager(DecentralizedAverager):
         state = self._state_fn()
         return {"round": state.round}, [state_to_tensor(state.state_dict())], None
 
+    def last_outcome(self) -> Optional[dict[str, Any]]:
+        """(Host side) the outcome of the latest round this averager ran, if it sent one since the last call."""
+        outcome = None
+        while self._outcomes.poll():
+            outcome = self._outcomes.recv()
+        return outcome
+
+    # ------------------------------------------------------------------ the all-gather (in the averager's process)
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: Any,
+                                      group_id: Optional[bytes] = None, *, weight: Optional[float] = None,
+                                      compression: Any = None, **kwargs: Any) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        me = self.peer_id.to_base58()
+        members = {p.to_base58() for p in group_info.peer_ids} - {me}
+        self._members[group_id] = members
+        inbox = self._inbox.setdefault(group_id, {})
+        self._running_groups[group_id].set_result(None)  # hivemind's bookkeeping: this group runs
+        await self._notify()
+        try:
+            loop = asyncio.get_running_loop()
+            mine = await loop.run_in_executor(None, lambda: [compression.compress(t, CompressionInfo.from_tensor(t))
+                                                              for t in tensors])
+            weight = float(weight if weight is not None else 1.0)
+            sent = sum(len(m.buffer) for m in mine) * len(members)
+            sends = [asyncio.create_task(self._send(peer, group_id, weight, mine)) for peer in members]
+            deadline = loop.time() + self._diloco.averaging_timeout / 2
+            await self._wait_for(lambda: set(inbox) >= members, deadline - loop.time())
+            await asyncio.wait(sends, timeout=max(0.0, deadline - loop.time()))
+            received = dict(inbox)
+            outcome = await loop.run_in_executor(None, self._combine, tensors, me, weight, mine, received)
+            outcome.update(sent=sent, received=sum(sum(len(m.buffer) for m in parts) for _, parts in received.values()),
+                           missing=sorted(members - set(received)))
+            self._outcome_sender.send(outcome)
+        finally:
+            self._inbox.pop(group_id, None)
+            self._members.pop(group_id, None)
+
+    def _combine(self, tensors: Sequence[torch.Tensor], me: str, weight: float, mine: list[runtime_pb2.Tensor],
+                 received: dict[str, tuple[float, list[runtime_pb2.Tensor]]]) -> dict[str, Any]:
+        """Decode every contribution (this replica's own as the others see it), aggregate, write the result into
+        ``tensors``. Contributions that do not decode to the tensors' shapes are left out."""
+        contributions, excluded = [], {}
+        for peer, (w, parts) in sorted({**received, me: (weight, mine)}.items()):
+            try:
+                decoded = [deserialize_torch_tensor(part).float() for part in parts]
+                if len(decoded) != len(tensors) or any(d.shape != t.shape for d, t in zip(decoded, tensors)):
+                    raise ValueError("shapes differ from this stage's")
+            except Exception as e:  # noqa: BLE001 - whatever a peer sent
+                excluded[peer] = f"contribution cannot be read ({type(e).__name__}: {e})"
+                continue
+            contributions.append(Contribution(peer, w, decoded))
+        result = robust_aggregate(contributions, max_weight_ratio=self._diloco.max_weight_ratio,
+                                  max_norm_ratio=self._diloco.max_norm_ratio, clip_factor=self._diloco.clip_factor)
+        if result is None or me not in result.used:
+            raise AllreduceException(f"this replica's own contribution was left out ({excluded or result})")
+        for t, value in zip(tensors, result.tensors):
+            t.copy_(value)
+        return {"used": result.used, "excluded": {**excluded, **result.excluded}}
+
+    async def _send(self, peer: str, group_id: bytes, weight: float, parts: list[runtime_pb2.Tensor]) -> None:
+        async def messages() -> AsyncIterator[averaging_pb2.AveragingData]:
+            for serialized in parts:
+                for chunk in split_for_streaming(serialized):
+                    yield averaging_pb2.AveragingData(group_id=group_id, weight=weight, tensor_part=chunk)
+
+        stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+        try:
+            await stub.rpc_exchange_pseudo_gradients(messages())
+        except Exception:  # noqa: BLE001 - a peer that does not take it is its own loss
+            log.debug("DiLoCo %s: could not send the pseudo-gradient to …%s", self.prefix, peer[-8:], exc_info=True)
+
+    async def rpc_exchange_pseudo_gradients(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                            context: P2PContext) -> averaging_pb2.AveragingData:
+        """A group member's pseudo-gradient for a round this replica runs. Bounded: the sender must be a member of
+        the group, send no more than this replica's own tensors' size (plus slack), and only once."""
+        sender = context.remote_id.to_base58()
+        limit = 64 * 1024 + 2 * sum(t.numel() * 4 for t in self._averaged_tensors)
+        parts: list[runtime_pb2.Tensor] = []
+        pending: list[runtime_pb2.Tensor] = []
+        group_id, weight, size = None, 0.0, 0
+        try:
+            async for message in stream:
+                if group_id is None:
+                    group_id, weight = message.group_id, float(message.weight)
+                    if not await self._await_group(group_id) or sender not in self._members.get(group_id, ()):
+                        return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                size += len(message.tensor_part.buffer)
+                if size > limit or message.group_id != group_id:
+                    return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                if message.tensor_part.dtype and pending:
+                    parts.append(combine_from_streaming(pending))
+                    pending = []
+                pending.append(message.tensor_part)
+            if pending:
+                parts.append(combine_from_streaming(pending))
+        except Exception:  # noqa: BLE001 - a malformed stream is that peer's loss
+            return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        inbox = self._inbox.get(group_id)
+        if inbox is None or sender in inbox:
+            return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        inbox[sender] = (weight, parts)
+        await self._notify()
+        return averaging_pb2.AveragingData(code=averaging_pb2.ACCEPTED)
+
+    async def _await_group(self, group_id: bytes, timeout: float = 5.0) -> bool:
+        """A member may send before this replica has learned about the group (its leader's answer is on the way)."""
+        return await self._wait_for(lambda: group_id in self._members, timeout)
+
 
 class DiLoCoSync:
     """Outer rounds for one replica of one stage (or of the whole model). ``start()`` joins the averaging group and
     loads the current outer state from a peer if one exists; ``round(samples)`` runs one round."""
 
     def __init__(
-        self, local: Sequence[torch.Tensor], config: DiLoCoConfig, *, dht: Any, prefix: str, solo: bool = False
+        self, local: Sequence[torch.Tensor], config: DiLoCoConfig, *, dht: Any, prefix: str, solo: bool = False,
+        outer_optimizer_cls: Optional[type[torch.optim.Optimizer]] = None,
     ) -> None:
         """``solo``: this replica is alone by construction (a swarm nobody else was told about): rounds apply its
-        own pseudo-gradient at once instead of waiting ``averaging_timeout`` for replicas that cannot come."""
+        own pseudo-gradient at once instead of waiting ``averaging_timeout`` for replicas that cannot come.
+        ``outer_optimizer_cls``: the class of ``config.outer_optimizer``, already resolved (an expert never imports
+        what a request names)."""
         self.config = config
         self.solo = solo
         self._started = False
-        self.state = OuterState(local, config)
+        self.state = OuterState(local, config, outer_optimizer_cls)
         self._dht, self._prefix = dht, prefix
         self._averager: Optional[_Averager] = None
         self._compression = pseudo_gradient_compression(config.pseudo_gradient_codec, config.codec_block_size)
@@ -99,6 +253,7 @@ class DiLoCoSync:
             return self
         self._averager = _Averager(
             lambda: self.state,
+            self.config,
             compression=self._compression,
             averaged_tensors=[torch.zeros_like(o) for o in self.state.outer],
             dht=self._dht,
@@ -136,12 +291,35 @@ class DiLoCoSync:
         if not loaded:
             return False
         metadata, tensors = loaded
-        peer_round = int(metadata.get("round", 0))
-        if peer_round < self.state.round or (newer_only and peer_round == self.state.round):
+        try:
+            peer_round = int(metadata.get("round", 0))
+            if peer_round < self.state.round or (newer_only and peer_round == self.state.round):
+                return False
+            state = tensor_to_state(tensors[0])
+            self._check_peer_state(state)
+            self.state.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - whatever a peer sent: keep ours
+            log.warning("DiLoCo %s: refused a peer's outer state (%s)", self._prefix, e)
             return False
-        self.state.load_state_dict(tensor_to_state(tensors[0]))
         log.info("DiLoCo %s: loaded outer state of round %d from a peer", self._prefix, self.state.round)
         return True
+
+    def _check_peer_state(self, state: Any) -> None:
+        """A peer's outer state is used only if it is finite and within ``max_state_distance`` (relative) of this
+        replica's own outer params."""
+        outer = state.get("outer") if isinstance(state, dict) else None
+        if not isinstance(outer, list) or not all(isinstance(t, torch.Tensor) for t in outer):
+            raise ValueError("not an outer state")
+        if not all(bool(torch.isfinite(t).all()) for t in outer):
+            raise ValueError("its outer params are not finite")
+        own = torch.cat([o.detach().reshape(-1).double() for o in self.state.outer])
+        theirs = torch.cat([t.reshape(-1).double() for t in outer]) if outer else own
+        if theirs.shape != own.shape:
+            raise ValueError("its outer params do not match this replica's")
+        distance = float((theirs - own).norm()) / max(float(own.norm()), 1e-12)
+        if distance > self.config.max_state_distance:
+            raise ValueError(f"its outer params are {distance:.3g} (relative) away from ours, more than "
+                             f"max_state_distance={self.config.max_state_distance}")
 
     def round(self, samples: float) -> RoundReport:
         """Average pseudo-gradients with the replicas that show up within ``averaging_timeout`` (weighted by
@@ -167,13 +345,16 @@ class DiLoCoSync:
                             "one exists, else its own outer step alone", self._prefix, self.state.round + 1,
                             exc_info=True)
         nbytes = compressed_bytes(pseudo, self._compression)
-        if group:
+        outcome = self._averager.last_outcome() if self._averager is not None else None
+        if group and outcome is not None:
             with self._averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             self.state.apply(averaged)
-            size = len(group)
-            moved = int(2 * nbytes * (size - 1) / size)  # butterfly all-reduce: scatter parts, gather averages
-            report = RoundReport(self.state.round, size, moved, moved)
+            if outcome["excluded"] or outcome["missing"]:
+                log.warning("DiLoCo %s: round %d left out %s%s", self._prefix, self.state.round, outcome["excluded"],
+                            f"; no contribution came from {outcome['missing']}" if outcome["missing"] else "")
+            report = RoundReport(self.state.round, len(outcome["used"]), outcome["sent"], outcome["received"],
+                                 excluded=outcome["excluded"])
         elif self._averager is not None and self._load_from_peers():
             report = RoundReport(self.state.round, 0, 0, nbytes, failed=error)
         else:

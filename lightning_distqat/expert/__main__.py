@@ -57,7 +57,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     report = os.fdopen(args.report_fd, "w", buffering=1)
 
+    sent: list[str] = []
+
     def send(kind: str, value: Any) -> None:
+        sent.append(kind)
         try:
             report.write(json.dumps({kind: value}) + "\n")
             report.flush()
@@ -94,7 +97,10 @@ def main(argv: list[str]) -> int:
         server.run()
         return 0
     except BaseException:  # noqa: BLE001 - the trainer shows this traceback as the expert's own error
-        send("error", f"expert for stage '{stage}' (pid {os.getpid()}):\n{traceback.format_exc()}")
+        error = f"expert for stage '{stage}' (pid {os.getpid()}):\n{traceback.format_exc()}"
+        if "ready" in sent:  # nobody reads the report after start-up: the log forwarded to the trainer has it
+            sys.stderr.write(error)
+        send("error", error)
         return 1
     finally:
         report.close()

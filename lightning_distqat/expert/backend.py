@@ -1,7 +1,9 @@
 """The stage an expert hosts: its module, its optimizers, and the activations kept between forward and backward.
 
 Pure torch, no networking: the servicer calls these methods from a single worker thread, so nothing here is
-concurrent.
+concurrent. What comes from the network is checked before it touches the stage (``expert/checks.py``): optimizer
+classes from an allowlist, known plain hyperparameters, finite activations and gradients, saved activations within a
+byte budget.
 """
 
 from __future__ import annotations
@@ -15,27 +17,19 @@ import torch
 from hivemind.utils.performance_ema import PerformanceEMA
 from torch import nn
 
+from lightning_distqat.expert.checks import NOT_FINITE, SCHEDULER_KEYS, OptimizerAllowlist, check_finite, plain_hparams
 from lightning_distqat.swarm.messages import LayoutError, flatten_structure, pack_structure
 from lightning_distqat.swarm.records import stage_fingerprint
 
-__all__ = ["StageBackend", "StageError", "build_call", "import_optimizer"]
+__all__ = ["StageBackend", "StageError", "build_call"]
 
 
 class StageError(RuntimeError):
     """A request the stage could not serve; the message is sent back to the trainer as is."""
 
 
-def import_optimizer(path: str) -> type[torch.optim.Optimizer]:
-    """Import ``"package.module.Class"`` (``hydra.utils.get_class``) and check that it is a torch optimizer."""
-    from hydra.utils import get_class
-
-    try:
-        cls = get_class(path)
-    except (ImportError, ValueError) as e:
-        raise StageError(f"optimizer class {path!r} cannot be imported on this expert ({e})") from None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise StageError(f"{path!r} is not a torch.optim.Optimizer subclass")
-    return cls
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def build_call(layout: dict[str, Any], tensors: Sequence[torch.Tensor]) -> tuple[list[Any], dict[str, Any]]:
@@ -52,16 +46,21 @@ def build_call(layout: dict[str, Any], tensors: Sequence[torch.Tensor]) -> tuple
 class StageBackend:
     """One stage's module with its optimizers and saved forward contexts."""
 
-    def __init__(self, name: str, module: nn.Module, *, device: str = "cpu", max_pending: int = 64) -> None:
+    def __init__(self, name: str, module: nn.Module, *, device: str = "cpu", max_pending: int = 64,
+                 max_pending_bytes: int = 2**30, allowlist: Optional[OptimizerAllowlist] = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.fingerprint = stage_fingerprint(module)
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        """Budget of the activations kept for backward (inputs and outputs of the saved forwards)."""
+        self.allowlist = allowlist or OptimizerAllowlist()
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self._param_names = {p: n for n, p in self.module.named_parameters()}
         self._params = dict(self.module.named_parameters())
-        self._pending: "OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]" = OrderedDict()
+        self._pending: "OrderedDict[str, tuple[list[torch.Tensor], list[torch.Tensor], int]]" = OrderedDict()
+        self._pending_bytes = 0
         self._dropped: "OrderedDict[str, None]" = OrderedDict()
         self._answered: "OrderedDict[str, list[Optional[torch.Tensor]]]" = OrderedDict()
         """The last few backward answers, so that a repeated backward (its answer was lost) is answered again
@@ -74,8 +73,16 @@ class StageBackend:
     def forward(
         self, request_id: str, layout: dict[str, Any], tensors: list[torch.Tensor], *, training: bool, need_grad: bool
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """Run the stage. Returns the output's tensors and its layout (``messages.flatten_structure``)."""
+        """Run the stage. Returns the output's tensors and its layout (``messages.flatten_structure``).
+
+        A forward that can change the stage (``training``: BatchNorm statistics; ``need_grad``: gradients later) takes
+        finite inputs only."""
         start = time.perf_counter()
+        if training or need_grad:
+            try:
+                check_finite(tensors, f"stage '{self.name}' input")
+            except ValueError as e:
+                raise StageError(str(e)) from None
         leaves = [t.to(self.device) for t in tensors]
         if need_grad:
             for t in leaves:
@@ -90,37 +97,60 @@ class StageBackend:
         except LayoutError as e:
             raise StageError(str(e)) from None
         if need_grad:
-            self._pending[request_id] = (leaves, outputs)
-            while len(self._pending) > self.max_pending:
-                dropped, _ = self._pending.popitem(last=False)
-                self._dropped[dropped] = None
-                while len(self._dropped) > 10 * self.max_pending:
-                    self._dropped.popitem(last=False)
+            self._keep(request_id, leaves, outputs)
         self._account(start, leaves)
         return [o.detach() for o in outputs], out_layout
 
+    def _keep(self, request_id: str, leaves: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Save a forward for its backward, dropping the oldest ones beyond ``max_pending`` or the byte budget."""
+        self._forget(request_id)
+        size = _nbytes(leaves) + _nbytes(outputs)
+        if size > self.max_pending_bytes:
+            raise StageError(f"this forward keeps {size / 2**20:.0f} MiB for backward, more than the expert's budget "
+                             f"of {self.max_pending_bytes / 2**20:.0f} MiB (ExpertConfig.max_pending_bytes)")
+        self._pending[request_id] = (leaves, outputs, size)
+        self._pending_bytes += size
+        while len(self._pending) > self.max_pending or self._pending_bytes > self.max_pending_bytes:
+            dropped = next(iter(self._pending))
+            self._forget(dropped)
+            self._dropped[dropped] = None
+            while len(self._dropped) > 10 * self.max_pending:
+                self._dropped.popitem(last=False)
+
+    def _forget(self, request_id: str) -> None:
+        kept = self._pending.pop(request_id, None)
+        if kept is not None:
+            self._pending_bytes -= kept[2]
+
     def backward(self, request_id: str, grad_outputs: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-        """Backpropagate through a saved forward; accumulate parameter grads; return grads of the float inputs."""
+        """Backpropagate through a saved forward; accumulate parameter grads; return grads of the float inputs.
+
+        Output gradients must be finite: a NaN would reach every parameter gradient of the stage."""
         start = time.perf_counter()
         if request_id in self._answered:  # the trainer asks again: its first answer got lost on the way
             return self._answered[request_id]
         if request_id not in self._pending:
             if request_id in self._dropped:
                 raise StageError(
-                    f"activations of forward {request_id} were dropped: more than {self.max_pending} forwards waited "
-                    "for backward (raise ExpertConfig.max_pending_backward)"
+                    f"activations of forward {request_id} were dropped: more than {self.max_pending} forwards or "
+                    f"{self.max_pending_bytes / 2**20:.0f} MiB waited for backward (raise ExpertConfig."
+                    "max_pending_backward or max_pending_bytes)"
                 )
             raise StageError(f"no forward with id {request_id} is waiting for backward on this expert")
-        leaves, outputs = self._pending[request_id]
+        leaves, outputs, _ = self._pending[request_id]
         if len(grad_outputs) != len(outputs):
             raise StageError(f"backward got {len(grad_outputs)} output grads for {len(outputs)} outputs")
+        try:
+            check_finite(grad_outputs, f"gradient of stage '{self.name}' output")
+        except ValueError as e:
+            raise StageError(str(e)) from None
         pairs = [(o, g.to(self.device)) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
         for o, g in pairs:
             if o.shape != g.shape or o.dtype != g.dtype:
                 raise StageError(
                     f"output grad has shape {tuple(g.shape)} dtype {g.dtype}, expected {tuple(o.shape)} {o.dtype}"
                 )
-        del self._pending[request_id]
+        self._forget(request_id)
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         grads = [t.grad if t.requires_grad else None for t in leaves]
@@ -163,23 +193,34 @@ class StageBackend:
         self._param_names = {p: n for n, p in self._params.items()}
         self.qat = (scheme, group_size)
 
-    def configure_optimizer(self, index: int, spec: dict[str, Any]) -> None:
-        """Create optimizer ``index`` from a spec: ``{"cls": path, "defaults": {...}, "groups": [{..., "param_names"}]}``.
+    def configure_optimizer(self, index: int, spec: dict[str, Any], peer: Optional[str] = None) -> None:
+        """Create optimizer ``index`` from a spec: ``{"cls": path, "defaults": {...}, "groups": [{..., "param_names"}]}``
+        sent by ``peer``: the class from the allowlist, known and plain hyperparameters only.
 
         Groups keep the user's group order, so hyperparameters sent with every step map one to one.
         """
-        cls = import_optimizer(spec["cls"])
-        groups = []
-        for group in spec["groups"]:
-            names = group["param_names"]
-            missing = [n for n in names if n not in self._params]
-            if missing:
-                raise StageError(f"optimizer names parameters {missing} that stage '{self.name}' does not have")
-            hparams = {k: v for k, v in group.items() if k != "param_names"}
-            groups.append({**hparams, "params": [self._params[n] for n in names]})
-        accepted = inspect.signature(cls.__init__).parameters
-        defaults = {k: v for k, v in spec.get("defaults", {}).items() if k in accepted}
-        self.optimizers[index] = cls(groups, **defaults)
+        try:
+            cls = self.allowlist.resolve(spec.get("cls"), peer)
+            accepted = {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")}
+            defaults = plain_hparams({k: v for k, v in spec.get("defaults", {}).items() if k in accepted}, accepted,
+                                     f"{cls.__name__} defaults")
+            groups, group_hparams = [], []
+            for i, group in enumerate(spec["groups"]):
+                names = group.get("param_names") if isinstance(group, dict) else None
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError(f"param group {i} must name its parameters (a list of str)")
+                missing = [n for n in names if n not in self._params]
+                if missing:
+                    raise ValueError(f"optimizer names parameters {missing} that stage '{self.name}' does not have")
+                groups.append({"params": [self._params[n] for n in names]})
+                group_hparams.append({k: v for k, v in group.items() if k != "param_names"})
+            optimizer = cls(groups, **defaults)
+            known = set(optimizer.defaults) | set(SCHEDULER_KEYS)  # a group's keys: the optimizer's own, and
+            for i, (group, hparams) in enumerate(zip(optimizer.param_groups, group_hparams)):  # schedulers'
+                group.update(plain_hparams(hparams, known, f"param group {i}"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise StageError(f"stage '{self.name}': optimizer {index} cannot be configured ({e})") from None
+        self.optimizers[index] = optimizer
 
     def grad_norm(self, norm_type: float = 2.0) -> float:
         """Norm of this stage's gradients (``torch.nn.utils.get_total_norm``, as clipping computes it)."""
@@ -193,27 +234,46 @@ class StageBackend:
         *,
         clip_norm: Optional[Sequence[float]] = None,
         clip_value: Optional[float] = None,
-    ) -> None:
-        """One inner optimizer step with the trainer's current hyperparameters, then zero the grads.
+    ) -> Optional[str]:
+        """One inner optimizer step with the trainer's current hyperparameters, then zero the grads. Returns why the
+        update was skipped (gradients that are not finite), or None.
 
+        ``group_hparams`` may change the values of a group's existing hyperparameters only (never its parameters).
         ``clip_norm``: ``(max_norm, total_norm)``, clipping by the norm over every stage (the trainer computed it);
         ``clip_value``: clipping by value."""
         if index not in self.optimizers:
             raise StageError(f"optimizer {index} was never configured on stage '{self.name}'")
         optimizer = self.optimizers[index]
-        if len(group_hparams) != len(optimizer.param_groups):
-            raise StageError(f"step sent {len(group_hparams)} param groups, optimizer has {len(optimizer.param_groups)}")
-        for group, hparams in zip(optimizer.param_groups, group_hparams):
-            group.update(hparams)
+        if not isinstance(group_hparams, list) or len(group_hparams) != len(optimizer.param_groups):
+            raise StageError(f"step must send the hyperparameters of the optimizer's {len(optimizer.param_groups)} "
+                             "param groups")
+        try:
+            updates = [plain_hparams(h, [k for k in g if k != "params"], f"param group {i}")
+                       for i, (g, h) in enumerate(zip(optimizer.param_groups, group_hparams))]
+            clip = plain_hparams({"clip_norm": clip_norm, "clip_value": clip_value}, ["clip_norm", "clip_value"],
+                                 "clipping")
+            if clip["clip_norm"] is not None and len(clip["clip_norm"]) != 2:
+                raise ValueError("clip_norm is (max_norm, total_norm)")
+        except (ValueError, TypeError) as e:
+            raise StageError(f"stage '{self.name}': step refused ({e})") from None
+        self._pending.clear()  # any forward not yet backpropagated belongs to a finished step
+        self._pending_bytes = 0
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if clip_norm is not None and params:
-            max_norm, total_norm = clip_norm
+        try:
+            check_finite([p.grad for p in params], f"stage '{self.name}' gradient")
+        except ValueError:
+            optimizer.zero_grad(set_to_none=True)
+            return f"stage '{self.name}': the gradients hold {NOT_FINITE}; this update was skipped"
+        for group, hparams in zip(optimizer.param_groups, updates):
+            group.update(hparams)
+        if clip["clip_norm"] is not None and params:
+            max_norm, total_norm = clip["clip_norm"]
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(float(total_norm)))
-        if clip_value is not None and params:
-            torch.nn.utils.clip_grad_value_(params, clip_value)
+        if clip["clip_value"] is not None and params:
+            torch.nn.utils.clip_grad_value_(params, clip["clip_value"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self._pending.clear()  # any forward not yet backpropagated belongs to a finished step
+        return None
 
     # ------------------------------------------------------------------ state
     def get_state(self) -> dict[str, Any]:

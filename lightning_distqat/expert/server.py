@@ -18,7 +18,8 @@ from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend
 from lightning_distqat.expert.servicer import ExpertServicer
 from lightning_distqat.swarm.dht import start_dht
-from lightning_distqat.swarm.records import ExpertRecord, stage_key
+from lightning_distqat.expert.checks import OptimizerAllowlist
+from lightning_distqat.swarm.records import ExpertRecord, experts_key, local_owner_key
 
 __all__ = ["ExpertServer"]
 
@@ -48,6 +49,7 @@ class ExpertServer:
         self._stop: Optional[asyncio.Event] = None
         self._stop_requested = threading.Event()
         self._heartbeat_stop = threading.Event()
+        self._fatal: Optional[BaseException] = None
 
     def shutdown(self) -> None:
         """Ask a running server to stop (thread-safe). ``run()`` returns once it has."""
@@ -58,20 +60,34 @@ class ExpertServer:
             except RuntimeError:  # the loop has closed: the server has stopped already
                 pass
 
+    def _fail(self, error: BaseException) -> None:
+        """A request broke the stage beyond one answer (``SystemExit`` or ``KeyboardInterrupt`` inside it): stop
+        announcing and serving; ``run()`` then raises."""
+        self._fatal = error
+        self._heartbeat_stop.set()
+        self.shutdown()
+
     def run(self) -> None:
+        """Serve until :meth:`shutdown`, SIGINT or SIGTERM. Raises ``RuntimeError`` after a fatal error in the stage
+        (the process should then exit non-zero: it no longer serves)."""
         cfg = self.config
-        backend = StageBackend(cfg.stage, self.module, device=cfg.device, max_pending=cfg.max_pending_backward)
-        dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs)
+        allowlist = OptimizerAllowlist(cfg.extra_optimizers, cfg.trusted_peers)
+        backend = StageBackend(cfg.stage, self.module, device=cfg.device, max_pending=cfg.max_pending_backward,
+                               max_pending_bytes=cfg.max_pending_bytes, allowlist=allowlist)
+        dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs, experiment=cfg.experiment,
+                        access_token=cfg.access_token)
         self.timings["joined"] = time.time()
         heartbeat: Optional[threading.Thread] = None
         try:
             prefix = group_prefix(cfg.experiment, cfg.stage)
-            self.servicer = ExpertServicer(
-                backend, dht.peer_id.to_base58(),
-                make_sync=lambda config, solo: DiLoCoSync(
-                    backend.trainable_params(), config, dht=dht, prefix=prefix, solo=solo
-                ),
-            )
+
+            def make_sync(config: Any, solo: bool, caller: Optional[str]) -> DiLoCoSync:
+                outer = allowlist.resolve(config.outer_optimizer, caller) if config.outer_optimizer else None
+                return DiLoCoSync(backend.trainable_params(), config, dht=dht, prefix=prefix, solo=solo,
+                                  outer_optimizer_cls=outer)
+
+            self.servicer = ExpertServicer(backend, dht.peer_id.to_base58(), config=cfg, make_sync=make_sync,
+                                           on_fatal=self._fail)
             heartbeat = threading.Thread(target=self._heartbeat, args=(dht,), name="distqat-heartbeat", daemon=True)
             asyncio.run(self._serve(dht, heartbeat))
         finally:
@@ -82,6 +98,9 @@ class ExpertServer:
                 self.servicer.shutdown()
             dht.shutdown()
             log.info("expert for stage '%s' stopped", cfg.stage)
+        if self._fatal is not None:
+            raise RuntimeError(f"expert for stage '{cfg.stage}' stopped: its stage raised "
+                               f"{type(self._fatal).__name__}") from self._fatal
 
     async def _serve(self, dht: Any, heartbeat: threading.Thread) -> None:
         assert self.servicer is not None
@@ -116,15 +135,16 @@ class ExpertServer:
             stage=self.config.stage,
             fingerprint=self.servicer.backend.fingerprint,
             version=self.servicer.diloco.state.round if self.servicer.diloco is not None else 0,
-            throughput=self.servicer.backend.throughput,
-            lease_holder=self.servicer.lease_holder,
+            throughput=float(self.servicer.backend.throughput),
+            leased=self.servicer.lease_holder is not None,
         )
 
     def _announce(self, dht: Any) -> None:
+        """Store this expert's record (signed, in its own subkey) with an expiration of ``record_ttl``."""
         record = self._record()
         ok = dht.store(
-            stage_key(self.config.experiment, self.config.stage),
-            subkey=record.peer_id,
+            experts_key(self.config.experiment),
+            subkey=local_owner_key(),
             value=record.to_dict(),
             expiration_time=get_dht_time() + self.config.record_ttl,
         )

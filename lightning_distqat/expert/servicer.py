@@ -1,5 +1,11 @@
 """The expert's RPCs over hivemind P2P. Every handler answers; a failing request gets an error reply naming the
-stage, and the expert goes on serving the next request."""
+stage, and the expert goes on serving the next request.
+
+Who may do what: the caller is the libp2p identity of the stream (authenticated by libp2p), never a name in the
+request. Every call that changes or reveals the stage's state needs the caller to hold the expert's lease; only the
+holder renews or releases it. Every request is bounded (messages, bytes, concurrent calls per peer) before it is
+read whole, and decoded off the event loop. With an access token, every request must prove the caller holds it.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +13,53 @@ import asyncio
 import logging
 import time
 import traceback
-from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, fields
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from lightning_distqat.config import ExpertConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
-from lightning_distqat.swarm.messages import linger, pack, state_to_tensor, tensor_to_state, unpack, unpack_stream
+from lightning_distqat.swarm.auth import ACCESS_DENIED, AccessToken
+from lightning_distqat.swarm.messages import (
+    Malformed, TooLarge, collect, linger, pack, state_to_tensor, tensor_to_state, unpack,
+)
 
 __all__ = ["ExpertServicer"]
 
 log = logging.getLogger(__name__)
 Request, Response = runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse
-Body = Callable[[dict, list], Awaitable[tuple[dict, list]]]
-
-
-async def _parse(request: Request) -> tuple[dict, list]:
-    return unpack([request])
+Body = Callable[[dict, list, str], Awaitable[tuple[dict, list]]]
+MakeSync = Callable[[DiLoCoConfig, bool, Optional[str]], DiLoCoSync]
 
 
 class ExpertServicer(ServicerBase):
-    """RPC handlers of one expert. Stage computations run one at a time on a single worker thread."""
+    """RPC handlers of one expert. Stage computations run one at a time on a single worker thread.
+
+    ``on_fatal(exc)`` is called when a request raised ``SystemExit`` or ``KeyboardInterrupt`` inside the stage (the
+    server then stops instead of serving on half broken)."""
 
     def __init__(
-        self, backend: StageBackend, peer_id: str = "", *, make_sync: Optional[Callable[[DiLoCoConfig, bool], DiLoCoSync]] = None
+        self, backend: StageBackend, peer_id: str = "", *, config: Optional[ExpertConfig] = None,
+        make_sync: Optional[MakeSync] = None, on_fatal: Optional[Callable[[BaseException], None]] = None,
     ) -> None:
         self.backend = backend
         self.peer_id = peer_id
+        self.config = config or ExpertConfig()
+        self.access = AccessToken(self.config.access_token, self.config.experiment) if self.config.access_token \
+            else None
         self._make_sync = make_sync
+        self._on_fatal = on_fatal
         self.diloco: Optional[DiLoCoSync] = None
+        self._diloco_config: Optional[dict[str, Any]] = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
         self._lease: tuple[Optional[str], float] = (None, 0.0)
+        self._in_flight: dict[str, int] = {}
         self.requests_served = 0
         self.requests_failed = 0
 
@@ -54,6 +71,7 @@ class ExpertServicer(ServicerBase):
 
     @property
     def lease_holder(self) -> Optional[str]:
+        """The peer id of the trainer that holds the lease (kept to this expert: records say "leased" only)."""
         holder, until = self._lease
         return holder if holder is not None and time.monotonic() < until else None
 
@@ -61,167 +79,241 @@ class ExpertServicer(ServicerBase):
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args, **kwargs))
 
-    def _check_lease(self, header: dict[str, Any]) -> None:
-        holder = self.lease_holder
-        if holder is not None and header.get("trainer") != holder:
-            raise StageError(f"expert is leased to trainer {holder}; claim a free expert")
-
     def _error(self, what: str, e: BaseException) -> dict[str, Any]:
         self.requests_failed += 1
-        if isinstance(e, StageError):
+        if isinstance(e, (StageError, TooLarge, Malformed)):
             cause = str(e)
         else:
             cause = f"{type(e).__name__}: {e}"
             log.warning("stage '%s' %s failed:\n%s", self.backend.name, what, traceback.format_exc())
         return {"error": f"{cause} (stage '{self.backend.name}', expert …{self.peer_id[-8:]})"}
 
-    async def _answer(
-        self, what: str, parsed: Awaitable[tuple[dict, list]], body: Body, *, leased: bool = True
-    ) -> tuple[dict, list]:
-        """Parse the request, run ``body(header, tensors)`` and turn any failure into an error reply.
+    def _admit(self, caller: str) -> None:
+        if self._in_flight.get(caller, 0) >= self.config.max_concurrent_per_peer:
+            raise StageError(f"too many concurrent requests from one peer (at most "
+                             f"{self.config.max_concurrent_per_peer}); wait for the answers")
+        self._in_flight[caller] = self._in_flight.get(caller, 0) + 1
 
-        ``leased`` calls are refused to trainers that do not hold this expert's lease.
-        """
+    def _release(self, caller: str) -> None:
+        left = self._in_flight[caller] - 1
+        if left:
+            self._in_flight[caller] = left
+        else:
+            del self._in_flight[caller]
+
+    def _authorize(self, header: dict[str, Any], caller: str, leased: bool) -> None:
+        if self.access is not None and not self.access.check(header.get("proof"), caller, self.peer_id):
+            raise StageError(ACCESS_DENIED)
+        if leased and self.lease_holder != caller:
+            raise StageError("this call needs the expert's lease, which the caller does not hold (claim a free "
+                             "expert first)")
+
+    async def _answer(self, what: str, context: P2PContext, receive: Callable[[], Awaitable[list]], body: Body, *,
+                      leased: Callable[[dict], bool]) -> tuple[dict, list]:
+        """Admit the caller, read the request within bounds, check its access proof and lease, run
+        ``body(header, tensors, caller)`` and turn any failure into an error reply. A ``SystemExit`` or ``KeyboardInterrupt``
+        from the stage is fatal: the expert stops (after answering with the error)."""
+        caller = context.remote_id.to_base58()
         try:
-            header, tensors = await parsed
+            self._admit(caller)
+        except StageError as e:
+            return self._error(what, e), []
+        try:
+            messages = await receive()
+            header, tensors = await asyncio.get_running_loop().run_in_executor(None, unpack, messages)
             if header is None:
-                raise StageError("empty request")
-            if leased:
-                self._check_lease(header)
-            reply, out = await body(header, tensors)
+                raise StageError("empty or incomplete request")
+            self._authorize(header, caller, leased(header))
+            reply, out = await body(header, tensors, caller)
             self.requests_served += 1
             return reply or {}, out
+        except (SystemExit, KeyboardInterrupt) as e:
+            log.critical("stage '%s' %s raised %s; the expert stops", self.backend.name, what, type(e).__name__)
+            if self._on_fatal is not None:
+                self._on_fatal(e)
+            return self._error(what, e), []
         except Exception as e:  # noqa: BLE001 - one bad request must never stop the expert
             return self._error(what, e), []
+        finally:
+            self._release(caller)
 
-    async def _streamed(self, what: str, parsed: Awaitable[tuple[dict, list]], body: Body, *, leased: bool = True
-                        ) -> AsyncIterator[Response]:
+    def _streamed_request(self, requests: AsyncIterator[Request]) -> Callable[[], Awaitable[list]]:
+        cfg = self.config
+        return lambda: collect(requests, max_messages=cfg.max_request_messages, max_bytes=cfg.max_request_bytes)
+
+    @staticmethod
+    def _unary_request(request: Request) -> Callable[[], Awaitable[list]]:
+        async def receive() -> list:
+            return [request]
+
+        return receive
+
+    async def _streamed(self, what: str, context: P2PContext, receive: Callable[[], Awaitable[list]], body: Body, *,
+                        leased: Callable[[dict], bool]) -> AsyncIterator[Response]:
         """:meth:`_answer` as a streamed reply that the caller closes (see ``messages.linger``)."""
-        async for message in linger(pack(Response, *await self._answer(what, parsed, body, leased=leased))):
+        answer = await self._answer(what, context, receive, body, leased=leased)
+        async for message in linger(pack(Response, *answer)):
             yield message
 
     # ------------------------------------------------------------------ tensor RPCs (streamed)
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, tensors: list) -> tuple[dict, list]:
-            tensors = _decoded(header, tensors)
+        """Run the stage. Without the lease only an inference call (no training mode, no gradients) is served."""
+
+        async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
+            tensors = await self._run(_decoded, header, tensors)
             outputs, layout = await self._run(
-                self.backend.forward, header["request_id"], header["layout"], tensors,
+                self.backend.forward, str(header["request_id"]), header["layout"], tensors,
                 training=bool(header["training"]), need_grad=bool(header["need_grad"]),
             )
             return _encoded({"layout": layout}, header, outputs, f"stage '{self.backend.name}' output")
 
-        async for message in self._streamed("forward", unpack_stream(requests), body):
+        changes_state = lambda h: bool(h.get("training", True)) or bool(h.get("need_grad", True))  # noqa: E731
+        async for message in self._streamed("forward", context, self._streamed_request(requests), body,
+                                            leased=changes_state):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, grad_outputs: list) -> tuple[dict, list]:
-            grads = await self._run(self.backend.backward, header["request_id"], _decoded(header, grad_outputs))
+        async def body(header: dict, grad_outputs: list, caller: str) -> tuple[dict, list]:
+            grads = await self._run(self.backend.backward, str(header["request_id"]),
+                                    await self._run(_decoded, header, grad_outputs))
             return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
                             f"stage '{self.backend.name}' input gradient")
 
-        async for message in self._streamed("backward", unpack_stream(requests), body):
+        async for message in self._streamed("backward", context, self._streamed_request(requests), body,
+                                            leased=_always):
             yield message
 
     async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, _: list) -> tuple[dict, list]:
+        async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
             return {}, [state_to_tensor(await self._run(self.backend.get_state))]
 
-        async for message in self._streamed("get_state", _parse(request), body, leased=False):
+        async for message in self._streamed("get_state", context, self._unary_request(request), body, leased=_always):
             yield message
 
     async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, tensors: list) -> tuple[dict, list]:
+        async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
             if len(tensors) != 1:
                 raise StageError(f"set_state expects one serialized state, got {len(tensors)} tensors")
-            await self._run(self.backend.set_state, tensor_to_state(tensors[0]))
+            await self._run(lambda: self.backend.set_state(tensor_to_state(tensors[0])))
             return {}, []
 
-        async for message in self._streamed("set_state", unpack_stream(requests), body):
+        async for message in self._streamed("set_state", context, self._streamed_request(requests), body,
+                                            leased=_always):
             yield message
 
     # ------------------------------------------------------------------ control RPCs (unary)
-    async def _unary(self, what: str, request: Request, fn: Callable[[dict], Any], *, leased: bool = True) -> Response:
-        async def body(header: dict, _: list) -> tuple[dict, list]:
-            return (await self._run(fn, header)) or {}, []
+    async def _unary(self, what: str, request: Request, context: P2PContext, fn: Callable[..., Any], *,
+                     leased: Callable[[dict], bool] = lambda h: True) -> Response:
+        async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
+            return (await self._run(fn, header, caller)) or {}, []
 
-        return next(pack(Response, (await self._answer(what, _parse(request), body, leased=leased))[0]))
+        reply, _ = await self._answer(what, context, self._unary_request(request), body, leased=leased)
+        return next(pack(Response, reply))
 
     async def rpc_configure(self, request: Request, context: P2PContext) -> Response:
-        def fn(header: dict) -> None:
+        def fn(header: dict, caller: str) -> None:
             qat = header.get("qat")
             if qat:
                 self.backend.prepare_qat(qat["scheme"], int(qat["group_size"]))
-            for index, spec in header["optimizers"].items():
-                self.backend.configure_optimizer(int(index), spec)
+            optimizers = header.get("optimizers")
+            if not isinstance(optimizers, dict):
+                raise StageError("configure needs {index: optimizer spec}")
+            for index, spec in optimizers.items():
+                if not isinstance(spec, dict):
+                    raise StageError(f"optimizer spec {index!r} is not a dict")
+                self.backend.configure_optimizer(int(index), spec, caller)
 
-        return await self._unary("configure", request, fn)
+        return await self._unary("configure", request, context, fn)
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
-        def fn(header: dict) -> None:
-            self.backend.step(
-                int(header["index"]), header["groups"],
-                clip_norm=header.get("clip_norm"), clip_value=header.get("clip_value"),
-            )
+        def fn(header: dict, caller: str) -> dict[str, Any]:
+            skipped = self.backend.step(int(header["index"]), header.get("groups"),
+                                        clip_norm=header.get("clip_norm"), clip_value=header.get("clip_value"))
+            if skipped:
+                log.warning("%s", skipped)
+            return {"skipped": skipped} if skipped else {}
 
-        return await self._unary("step", request, fn)
+        return await self._unary("step", request, context, fn)
 
     async def rpc_grad_norm(self, request: Request, context: P2PContext) -> Response:
-        return await self._unary("grad_norm", request, lambda h: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
+        return await self._unary("grad_norm", request, context,
+                                 lambda h, caller: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
 
     async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
-        """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and loads the
-        current outer state from a peer); ``{"op": "round", "samples": n}`` runs one outer round;
-        ``{"op": "finish"}`` resets the local params to the outer params."""
+        """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and
+        loads the current outer state from a peer); a later ``start`` must bring the same config. ``{"op": "round",
+        "samples": n}`` runs one outer round; ``{"op": "finish"}`` resets the local params to the outer params."""
 
-        def fn(header: dict) -> Any:
+        def fn(header: dict, caller: str) -> Any:
             op = header.get("op")
             if op == "start":
-                if self._make_sync is None:
-                    raise StageError("this expert cannot run DiLoCo (no DHT to average over)")
-                if self.diloco is None:
-                    solo = bool(header.get("solo", False))
-                    self.diloco = self._make_sync(DiLoCoConfig(**header["config"]), solo).start()
-                return {"round": self.diloco.state.round}
+                return self._start_diloco(header, caller)
             if self.diloco is None:
                 raise StageError(f"DiLoCo op {op!r} before 'start'")
             if op == "round":
-                return {**asdict(self.diloco.round(float(header["samples"]))), "checksum": self.diloco.state.checksum()}
+                samples = float(header["samples"])
+                return {**asdict(self.diloco.round(samples)), "checksum": self.diloco.state.checksum()}
             if op == "finish":
                 self.diloco.state.copy_to_local()
                 return {"round": self.diloco.state.round}
             raise StageError(f"unknown DiLoCo op {op!r}")
 
-        return await self._unary("diloco", request, fn)
+        return await self._unary("diloco", request, context, fn)
+
+    def _start_diloco(self, header: dict[str, Any], caller: str) -> dict[str, Any]:
+        config = header.get("config")
+        known = {f.name for f in fields(DiLoCoConfig)}
+        if not isinstance(config, dict) or set(config) - known:
+            raise StageError(f"a DiLoCo config is a dict with keys among {sorted(known)}")
+        if self.diloco is not None:
+            if config != self._diloco_config:
+                raise StageError("this stage already averages with another DiLoCo config; every replica of an "
+                                 "experiment uses the same one")
+            return {"round": self.diloco.state.round}
+        if self._make_sync is None:
+            raise StageError("this expert cannot run DiLoCo (no DHT to average over)")
+        try:
+            parsed = DiLoCoConfig(**config)
+        except (TypeError, ValueError) as e:
+            raise StageError(f"bad DiLoCo config: {e}") from None
+        self.diloco = self._make_sync(parsed, bool(header.get("solo", False)), caller).start()
+        self._diloco_config = config
+        return {"round": self.diloco.state.round}
 
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
-        return await self._unary("info", request, lambda h: self.info(), leased=False)
+        """What the expert says of itself (no lease needed; never who holds the lease)."""
+        return await self._unary("info", request, context, lambda h, caller: self.info(), leased=lambda h: False)
 
     async def rpc_claim(self, request: Request, context: P2PContext) -> Response:
-        """Grant, renew (ttl > 0) or release (ttl == 0) the lease. Runs on the event loop: no races with itself."""
+        """Grant or renew (``ttl`` > 0, capped at ``max_lease_ttl``) or release (``ttl`` == 0) the lease for the caller.
+        Only a free expert is granted, and only the holder renews or releases. Runs on the event loop, so claims
+        never race."""
 
-        async def body(header: dict, _: list) -> tuple[dict, list]:
-            claimant, ttl = header.get("claimant"), float(header.get("ttl", 0.0))
-            if not isinstance(claimant, str):
-                raise StageError("claim needs a claimant id")
+        async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
+            ttl = header.get("ttl", 0.0)
+            if not isinstance(ttl, (int, float)) or not 0 <= ttl < float("inf"):
+                raise StageError(f"a lease ttl is a number of seconds >= 0, got {ttl!r}")
             holder = self.lease_holder
-            if holder is not None and holder != claimant:
-                return {"granted": False, "holder": holder}, []
+            if holder is not None and holder != caller:
+                return {"granted": False}, []
             if ttl > 0:
                 if holder is None:
-                    log.info("stage '%s' leased to trainer %s", self.backend.name, claimant)
-                self._lease = (claimant, time.monotonic() + ttl)
+                    log.info("stage '%s' leased to trainer …%s", self.backend.name, caller[-8:])
+                self._lease = (caller, time.monotonic() + min(float(ttl), self.config.max_lease_ttl))
             else:
                 self._lease = (None, 0.0)
-            return {"granted": ttl > 0, "holder": self.lease_holder}, []
+            return {"granted": ttl > 0, "ttl": min(float(ttl), self.config.max_lease_ttl),
+                    "stage": self.backend.name, "fingerprint": self.backend.fingerprint}, []
 
-        return next(pack(Response, (await self._answer("claim", _parse(request), body, leased=False))[0]))
+        reply, _ = await self._answer("claim", context, self._unary_request(request), body, leased=lambda h: False)
+        return next(pack(Response, reply))
 
     def info(self) -> dict[str, Any]:
         return {
             "stage": self.backend.name,
             "fingerprint": self.backend.fingerprint,
             "peer_id": self.peer_id,
-            "lease_holder": self.lease_holder,
+            "leased": self.lease_holder is not None,
             "throughput": self.backend.throughput,
             "requests_served": self.requests_served,
             "requests_failed": self.requests_failed,
@@ -230,8 +322,13 @@ class ExpertServicer(ServicerBase):
         }
 
 
+def _always(header: dict) -> bool:
+    return True
+
+
 def _decoded(header: dict, tensors: list) -> list:
-    """The request's tensors, decoded if the trainer sent them through a wire codec."""
+    """The request's tensors, decoded if the trainer sent them through a wire codec (the codec headers are checked
+    against the tensors before anything is allocated)."""
     if "enc" not in header:
         return tensors
     try:
@@ -245,7 +342,13 @@ def _encoded(reply: dict, header: dict, tensors: list, where: str) -> tuple[dict
     codec = header.get("reply_codec")
     if not codec or codec.get("c", "none") == "none":
         return reply, tensors
-    headers, flat = encode_all(tensors, check_codec(codec["c"], "reply_codec"), int(codec.get("block", 64)), where)
+    block = codec.get("block", 64)
+    if not isinstance(block, int) or not 2 <= block <= 2**16:
+        raise StageError(f"reply_codec block {block!r} is not in [2, 65536]")
+    try:
+        headers, flat = encode_all(tensors, check_codec(codec.get("c"), "reply_codec"), block, where)
+    except ValueError as e:
+        raise StageError(str(e)) from None
     return {**reply, "enc": headers}, flat
 
 

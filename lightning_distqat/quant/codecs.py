@@ -80,26 +80,64 @@ def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = 
     raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
-def decode(header: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`encode`: the tensor in its original dtype and shape."""
-    codec = header["c"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+MAX_BLOCK = 2**16
+
+
+def _check(header: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[str, int, tuple[int, ...], torch.dtype]:
+    """Check a codec header against the tensors that came with it, before anything is allocated; ValueError names
+    what does not fit."""
+    codec = header.get("c")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r} in a message; expected one of {', '.join(CODECS)}")
     if codec == "none":
-        return tensors[0]
-    dtype, shape = getattr(torch, header["dtype"]), tuple(header["shape"])
+        if len(tensors) != 1:
+            raise ValueError(f"codec 'none' carries 1 tensor, got {len(tensors)}")
+        return codec, 0, (), torch.float32
+    dtype = _DTYPES.get(header.get("dtype"))
+    shape = header.get("shape")
+    if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"codec {codec}: bad dtype or shape in {header}")
     numel = math.prod(shape)
     if codec in ("fp16", "bf16"):
-        return (tensors[0].float()[:numel] / float(header.get("scale", 1.0))).view(shape).to(dtype)
-    if codec in ("int8", "int4"):
-        scale, codes = tensors
-        block = int(header["block"])
-        if codec == "int4":
-            packed = codes.view(torch.uint8)
-            nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
-            codes = nibbles.to(torch.int8) - 8
-        codes = torch.nn.functional.pad(codes.float()[:numel], (0, scale.numel() * block - numel))
-        values = codes.view(-1, block) * scale.float().view(-1, 1)
-        return values.view(-1)[:numel].view(shape).to(dtype)
-    raise ValueError(f"unknown codec {codec!r} in a message; expected one of {', '.join(CODECS)}")
+        wanted = torch.float16 if codec == "fp16" else torch.bfloat16
+        if len(tensors) != 1 or tensors[0].dtype != wanted or tensors[0].numel() != numel:
+            raise ValueError(f"codec {codec}: expected one {wanted} tensor of {numel} values")
+        scale = header.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"codec {codec}: bad scale {scale!r}")
+        return codec, 0, tuple(shape), dtype
+    block = header.get("block")
+    if not isinstance(block, int) or not 2 <= block <= MAX_BLOCK or (codec == "int4" and block % 2):
+        raise ValueError(f"codec {codec}: block size {block!r} is not in [2, {MAX_BLOCK}]")
+    if len(tensors) != 2:
+        raise ValueError(f"codec {codec} carries 2 tensors (scales, codes), got {len(tensors)}")
+    scale, codes = tensors
+    code_count = numel if codec == "int8" else -(-numel // 2)
+    if scale.dtype != torch.float16 or scale.numel() != -(-numel // block) or codes.dtype != torch.int8 \
+            or codes.numel() != code_count:
+        raise ValueError(f"codec {codec}: {scale.numel()} scales and {codes.numel()} codes do not fit {numel} values "
+                         f"in blocks of {block}")
+    return codec, block, tuple(shape), dtype
+
+
+def decode(header: dict[str, Any], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode`: the tensor in its original dtype and shape. The header is checked against the
+    tensors first (a message cannot make this allocate more than its own size implies)."""
+    codec, block, shape, dtype = _check(header, tensors)
+    if codec == "none":
+        return tensors[0]
+    numel = math.prod(shape)
+    if codec in ("fp16", "bf16"):
+        return (tensors[0].float() / float(header.get("scale", 1.0))).view(shape).to(dtype)
+    scale, codes = tensors
+    if codec == "int4":
+        packed = codes.view(torch.uint8)
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).view(-1)
+        codes = nibbles.to(torch.int8) - 8
+    codes = torch.nn.functional.pad(codes.float()[:numel], (0, scale.numel() * block - numel))
+    values = codes.view(-1, block) * scale.float().view(-1, 1)
+    return values.view(-1)[:numel].view(shape).to(dtype)
 
 
 def payload_bytes(tensors: list[torch.Tensor]) -> int:
@@ -119,11 +157,15 @@ def encode_all(tensors: list[torch.Tensor], codec: str, block_size: int, where: 
     return headers, flat
 
 
-def decode_all(headers: list[dict[str, Any]], flat: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of :func:`encode_all`."""
+def decode_all(headers: Any, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`encode_all`; ValueError for headers that do not describe ``flat``."""
+    if not isinstance(headers, list) or not all(isinstance(h, dict) for h in headers):
+        raise ValueError("codec headers must be a list of dicts")
     out, i = [], 0
     for header in headers:
-        n = int(header["n"])
+        n = header.get("n")
+        if not isinstance(n, int) or not 1 <= n <= 2 or i + n > len(flat):
+            raise ValueError(f"codec header names {n!r} tensors; the message has {len(flat) - i} left")
         out.append(decode(header, flat[i:i + n]))
         i += n
     if i != len(flat):

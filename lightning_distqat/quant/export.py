@@ -46,7 +46,7 @@ def export_quantized(model: nn.Module, stages: Sequence[str], quant: QuantConfig
 
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
     """Load an :func:`export_quantized` checkpoint into a freshly built ``model`` of the same architecture."""
-    checkpoint: dict[str, Any] = torch.load(path, weights_only=False, map_location="cpu")
+    checkpoint: dict[str, Any] = torch.load(path, weights_only=True, map_location="cpu")
     quant = QuantConfig(**checkpoint["quant"])
     for name in checkpoint["converted"]:
         q = quant.for_stage(name)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from typing import Optional, Sequence
 
 from lightning_distqat.config import SwarmConfig
 from lightning_distqat.swarm.dht import AsyncRunner, start_dht
-from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_key
+from lightning_distqat.swarm.records import ExpertRecord, RecordError, experts_key
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
 
 __all__ = ["SwarmClient", "rank_candidates", "PipelineUnavailableError"]
@@ -23,20 +22,18 @@ class PipelineUnavailableError(RuntimeError):
     """No complete pipeline could be claimed: some stage has no free expert with the right fingerprint."""
 
 
-def rank_candidates(records: Sequence[ExpertRecord], fingerprint: str, trainer_id: str) -> list[ExpertRecord]:
-    """The experts worth claiming for a stage, best first: matching fingerprint, free (or ours) before leased, newer
-    shared state (outer-step version) before older, faster before slower."""
+def rank_candidates(records: Sequence[ExpertRecord], fingerprint: str) -> list[ExpertRecord]:
+    """The experts worth claiming for a stage, best first: matching fingerprint, free before leased, newer shared
+    state (outer-step version) before older, faster before slower."""
     usable = [r for r in records if r.fingerprint == fingerprint]
-    return sorted(usable, key=lambda r: (r.lease_holder not in (None, trainer_id), -r.version, -r.throughput,
-                                         r.peer_id))
+    return sorted(usable, key=lambda r: (r.leased, -r.version, -r.throughput, r.peer_id))
 
 
 class SwarmClient:
     """A trainer's connection to the swarm. No side effects until :meth:`start`."""
 
-    def __init__(self, config: SwarmConfig, *, trainer_id: Optional[str] = None) -> None:
+    def __init__(self, config: SwarmConfig) -> None:
         self.config = config
-        self.trainer_id = trainer_id or f"trainer-{uuid.uuid4().hex[:12]}"
         self.dht = None
         self.p2p = None
         self.runner: Optional[AsyncRunner] = None
@@ -48,7 +45,8 @@ class SwarmClient:
     def start(self) -> "SwarmClient":
         """Start this trainer's DHT node (joining ``initial_peers``) and its P2P handle; on failure nothing is left
         running."""
-        self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs)
+        self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs,
+                             experiment=self.config.experiment, access_token=self.config.access_token)
         try:
             self.runner = AsyncRunner(name="distqat-trainer-p2p").start()
             self.p2p = self.runner.run(self.dht.replicate_p2p(), timeout=30)
@@ -56,6 +54,12 @@ class SwarmClient:
             self.shutdown()
             raise
         return self
+
+    @property
+    def peer_id(self) -> str:
+        """This trainer's identity in the swarm (its DHT node's libp2p peer id): the holder of its leases."""
+        assert self.dht is not None, "SwarmClient.start() was not called"
+        return self.dht.peer_id.to_base58()
 
     @property
     def visible_maddrs(self) -> list[str]:
@@ -77,30 +81,33 @@ class SwarmClient:
         self.dht = self.p2p = self.runner = None
 
     # ------------------------------------------------------------------ directory and leases
-    def directory(self, stage: str) -> list[ExpertRecord]:
-        """Experts currently announcing ``stage`` (malformed records are skipped with a warning)."""
+    def directory(self, stage: Optional[str] = None) -> list[ExpertRecord]:
+        """Experts currently announcing ``stage`` (every stage if None). Records that do not parse are skipped (with a
+        debug line): nothing a stranger stores can make a trainer fail."""
         assert self.dht is not None
-        found = self.dht.get(stage_key(self.config.experiment, stage), latest=True)
+        found = self.dht.get(experts_key(self.config.experiment), latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
         records = []
-        for subkey, item in found.value.items():
+        for item in found.value.values():
             try:
-                record = ExpertRecord.from_dict(item.value)
-                if record.peer_id != subkey or record.stage != stage:
-                    raise RecordError(f"record for {record.peer_id}/{record.stage} stored under {subkey}/{stage}")
-                records.append(record)
+                record = ExpertRecord.from_dict(getattr(item, "value", None))
             except RecordError as e:
-                log.warning("ignoring a malformed record for stage '%s': %s", stage, e)
+                log.debug("ignoring a malformed expert record: %s", e)
+                continue
+            if stage is None or record.stage == stage:
+                records.append(record)
         return records
 
     def handle(self, stage: str, peer_id: str) -> ExpertHandle:
+        """A handle on the expert ``peer_id`` for ``stage`` (``ValueError`` if the peer id does not parse)."""
         assert self.p2p is not None and self.runner is not None
         return ExpertHandle(stage, peer_id, self.p2p, self.runner, timeout=self.config.request_timeout,
-                            trainer_id=self.trainer_id)
+                            access=self.config.access_token, experiment=self.config.experiment)
 
     def claim_pipeline(self, fingerprints: dict[str, str]) -> dict[str, ExpertHandle]:
-        """Claim one free expert per stage whose fingerprint matches, waiting up to ``discovery_timeout``.
+        """Claim one free expert per stage whose fingerprint matches, waiting up to ``discovery_timeout``. The expert
+        itself confirms its stage and fingerprint when it grants the lease (a record could lie).
 
         Raises :class:`PipelineUnavailableError` naming the stages still missing and what was found for them.
         """
@@ -112,14 +119,9 @@ class SwarmClient:
                 if stage in self.held:
                     continue
                 seen[stage] = self.directory(stage)
-                for record in rank_candidates(seen[stage], fingerprint, self.trainer_id):
-                    handle = self.handle(stage, record.peer_id)
-                    try:
-                        granted = handle.claim(self.trainer_id, self.config.lease_ttl, timeout=10)["granted"]
-                    except ExpertError as e:
-                        log.info("could not claim %s: %s", handle, e)
-                        continue
-                    if granted:
+                for record in rank_candidates(seen[stage], fingerprint):
+                    handle = self._try_claim(stage, fingerprint, record)
+                    if handle is not None:
                         self.held[stage] = handle
                         break
             missing = [s for s in fingerprints if s not in self.held]
@@ -131,6 +133,26 @@ class SwarmClient:
         self._start_renewal()
         return dict(self.held)
 
+    def _try_claim(self, stage: str, fingerprint: str, record: ExpertRecord) -> Optional[ExpertHandle]:
+        try:
+            handle = self.handle(stage, record.peer_id)
+        except Exception as e:  # noqa: BLE001 - a record whose peer id does not parse: skipped
+            log.debug("skipping an expert record with a bad peer id %r: %s", record.peer_id, e)
+            return None
+        try:
+            reply = handle.claim(self.config.lease_ttl, timeout=10)
+        except ExpertError as e:
+            log.info("could not claim %s: %s", handle, e)
+            return None
+        if not reply.get("granted"):
+            return None
+        if reply.get("stage") != stage or reply.get("fingerprint") != fingerprint:
+            log.warning("expert …%s was announced for stage '%s' but serves '%s' (fingerprint %s); skipped",
+                        record.peer_id[-8:], stage, reply.get("stage"), reply.get("fingerprint"))
+            self._release(handle)
+            return None
+        return handle
+
     def _describe_missing(
         self, missing: list[str], fingerprints: dict[str, str], seen: dict[str, list[ExpertRecord]]
     ) -> str:
@@ -138,7 +160,7 @@ class SwarmClient:
         for stage in missing:
             records = seen.get(stage, [])
             other = sorted({r.fingerprint for r in records if r.fingerprint != fingerprints[stage]})
-            leased = [r for r in records if r.fingerprint == fingerprints[stage] and r.lease_holder]
+            leased = [r for r in records if r.fingerprint == fingerprints[stage] and r.leased]
             lines.append(
                 f"  '{stage}' (fingerprint {fingerprints[stage]}): {len(records)} announced, {len(leased)} leased to "
                 f"other trainers, other fingerprints {other or 'none'}"
@@ -157,19 +179,24 @@ class SwarmClient:
         while not self._renew_stop.wait(self.config.lease_ttl / 3):
             for handle in list(self.held.values()):
                 try:
-                    if not handle.claim(self.trainer_id, self.config.lease_ttl, timeout=10)["granted"]:
+                    if not handle.claim(self.config.lease_ttl, timeout=10)["granted"]:
                         log.warning("lost the lease on %s", handle)
                 except ExpertError as e:
                     log.warning("could not renew the lease on %s: %s", handle, e)
 
+    @staticmethod
+    def _release(handle: ExpertHandle) -> None:
+        try:
+            handle.release(timeout=5)
+        except ExpertError:
+            pass  # a dead expert's lease expires on its own
+
     def release_all(self) -> None:
+        """Stop renewing and give every lease back."""
         self._renew_stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=15)
             self._renewer = None
         for handle in self.held.values():
-            try:
-                handle.release(self.trainer_id, timeout=5)
-            except ExpertError:
-                pass  # a dead expert's lease expires on its own
+            self._release(handle)
         self.held = {}

@@ -16,6 +16,8 @@ import hivemind
 from hivemind.p2p import P2PDaemonError
 
 from lightning_distqat._process import die_with_parent, exit_with_parent, terminate_children
+from lightning_distqat.swarm.auth import AccessToken
+from lightning_distqat.swarm.records import record_validators
 
 __all__ = ["start_dht", "AsyncRunner"]
 
@@ -44,11 +46,16 @@ def start_dht(
     initial_peers: Optional[Sequence[str]] = None,
     *,
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    experiment: Optional[str] = None,
+    access_token: Optional[str] = None,
     timeout: float = 60.0,
     attempts: int = 3,
     **kwargs: Any,
 ) -> hivemind.DHT:
     """Start a DHT node in a background process and wait until it is ready.
+
+    The node validates records (``records.record_validators``: signatures, the directory schema of ``experiment``,
+    an expiration cap) and, with an ``access_token``, talks only to nodes that hold the same token (``auth.py``).
 
     A busy bootstrap peer can miss a new node's first connection (p2pd then exits with "failed to connect to bootstrap
     peers", a ``P2PDaemonError``), so starting is tried ``attempts`` times within ``timeout``. Raises ``TimeoutError``
@@ -57,9 +64,12 @@ def start_dht(
     """
     deadline = time.monotonic() + timeout
     for attempt in range(1, attempts + 1):
+        if access_token is not None:
+            kwargs["authorizer"] = AccessToken(access_token, experiment or "").authorizer()
         dht = _OwnedDHT(
             initial_peers=list(initial_peers) if initial_peers else None,
             host_maddrs=list(host_maddrs),
+            record_validators=record_validators(experiment),
             start=False,
             **kwargs,
         )

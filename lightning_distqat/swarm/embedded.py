@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Sequence
 
 import cloudpickle
 from torch import nn
@@ -120,9 +120,10 @@ class EmbeddedSwarm:
             self.shutdown()
             raise
 
-    def start(self, initial_peers: list[str]) -> list[dict[str, Any]]:
+    def start(self, initial_peers: list[str], trusted_peers: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Send every expert its stage and ``initial_peers``; wait until every one serves. Returns their
-        ``{"stage", "peer_id", "maddrs", "timings"}``.
+        ``{"stage", "peer_id", "maddrs", "timings"}``. ``trusted_peers`` (the trainer) may name any importable
+        optimizer class on these experts.
 
         Raises :class:`ExpertStartupError` with the failing expert's traceback if one cannot start, or
         ``TimeoutError`` after ``startup_timeout`` seconds (sending the stage included); either way everything
@@ -133,7 +134,8 @@ class EmbeddedSwarm:
             level = logging.getLogger("lightning_distqat").getEffectiveLevel()
             blobs = {
                 stage: frame(cloudpickle.dumps({
-                    "config": asdict(replace(self.expert_config, stage=stage, initial_peers=list(initial_peers))),
+                    "config": asdict(replace(self.expert_config, stage=stage, initial_peers=list(initial_peers),
+                                             trusted_peers=list(trusted_peers))),
                     "sys_path": [os.path.abspath(p) for p in sys.path], "log_level": level,
                     "module": cloudpickle.dumps(module),
                 }))

@@ -84,7 +84,7 @@ class SwarmMembership:
                 self.embedded = EmbeddedSwarm(
                     self.originals, replicas=self.world_size, startup_timeout=cfg.startup_timeout,
                     expert_config=ExpertConfig(experiment=cfg.experiment, host_maddrs=cfg.host_maddrs,
-                                               device=cfg.expert_device),
+                                               device=cfg.expert_device, access_token=cfg.access_token),
                 )
                 self.embedded.launch()
                 stack.callback(self.embedded.shutdown)
@@ -95,7 +95,7 @@ class SwarmMembership:
                 self.rendezvous.publish("peers", {"value": self.client.visible_maddrs})
                 stack.push(self._rank0_leaves)  # before the experts stop: the other ranks still use them
             if self.embedded is not None:
-                self.embedded.start(self.client.visible_maddrs)
+                self.embedded.start(self.client.visible_maddrs, trusted_peers=[self.client.peer_id])
                 if self.rendezvous is not None:
                     self.rendezvous.publish("experts", {"value": True})
             elif self.rendezvous is not None and self.originals:

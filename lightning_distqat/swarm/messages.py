@@ -14,8 +14,8 @@ from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-__all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "unpack_stream", "state_to_tensor",
-           "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
+__all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "collect", "unpack_stream", "TooLarge",
+           "Malformed", "state_to_tensor", "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
 
 PLAIN = (int, float, bool, str, type(None))
 """Values that travel inside a call's header, next to its tensors."""
@@ -88,37 +88,74 @@ def pack(kind: Type[M], header: dict[str, Any], tensors: Sequence[torch.Tensor] 
         yield kind(metadata=header_bytes if i == 0 else b"", tensors=batch)
 
 
+class Malformed(ValueError):
+    """A call that does not follow the wire format."""
+
+
+def _tensor(parts: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    serialized = combine_from_streaming(parts)
+    if serialized.compression != runtime_pb2.CompressionType.NONE:  # our codecs travel as plain tensors
+        raise Malformed("compressed tensors are not accepted in a call")
+    return deserialize_torch_tensor(serialized).requires_grad_(False)
+
+
 def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
     """Inverse of :func:`pack`: the header and the tensors, in order. The header is None if the call did not arrive
-    whole (no message, or fewer than the header announced: a stream that the other side closed early)."""
+    whole (no message, or fewer than the header announced: a stream that the other side closed early). Raises
+    :class:`Malformed` for anything that does not follow the format."""
     messages = list(messages)
     if not messages:
         return None, []
-    header = MSGPackSerializer.loads(messages[0].metadata) if messages[0].metadata else {}
-    if len(messages) < header.pop("_n", 1):
-        return None, []
-    tensors: list[torch.Tensor] = []
-    pending: list[runtime_pb2.Tensor] = []
-    for message in messages:
-        for part in message.tensors:
-            if part.dtype and pending:  # a part with a dtype starts a new tensor
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(pending)))
-                pending = []
-            pending.append(part)
-    if pending:
-        tensors.append(deserialize_torch_tensor(combine_from_streaming(pending)))
+    try:
+        header = MSGPackSerializer.loads(messages[0].metadata) if messages[0].metadata else {}
+        if not isinstance(header, dict):
+            raise Malformed(f"the header is a {type(header).__name__}, not a dict")
+        if len(messages) < header.pop("_n", 1):
+            return None, []
+        tensors: list[torch.Tensor] = []
+        pending: list[runtime_pb2.Tensor] = []
+        for message in messages:
+            for part in message.tensors:
+                if part.dtype and pending:  # a part with a dtype starts a new tensor
+                    tensors.append(_tensor(pending))
+                    pending = []
+                pending.append(part)
+        if pending:
+            tensors.append(_tensor(pending))
+    except Malformed:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything a stranger can send: msgpack, protobuf and numpy errors
+        raise Malformed(f"the call cannot be read ({type(e).__name__}: {e})") from None
     return header, tensors
 
 
-async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
-    """:func:`unpack` for an async stream of messages. Reads exactly the messages the first one announces, then
-    closes ``stream``: a caller closes its side once it has the whole answer (see :func:`linger`)."""
+class TooLarge(ValueError):
+    """A call announced or sent more messages or bytes than the receiver accepts."""
+
+
+def _size(message: Message) -> int:
+    return len(message.metadata) + sum(len(part.buffer) for part in message.tensors)
+
+
+async def collect(stream: AsyncIterator[Message], *, max_messages: int = 2**20, max_bytes: int = 2**40
+                  ) -> list[Message]:
+    """Read exactly the messages that the first one announces, then close ``stream`` (a caller closes its side once
+    it has the whole answer; see :func:`linger`). Raises :class:`TooLarge` as soon as the announced count exceeds
+    ``max_messages`` or the bytes read exceed ``max_bytes``: nothing more is read."""
     messages: list[Message] = []
-    expected = 1
+    expected, received = 1, 0
     try:
         async for message in stream:
+            received += _size(message)
+            if received > max_bytes:
+                raise TooLarge(f"the call is larger than {max_bytes} bytes")
             if not messages and message.metadata:
-                expected = int(MSGPackSerializer.loads(message.metadata).get("_n", 1))
+                try:
+                    expected = int(MSGPackSerializer.loads(message.metadata).get("_n", 1))
+                except Exception as e:  # noqa: BLE001 - whatever a stranger sent: a malformed header
+                    raise TooLarge(f"the call's header cannot be read ({type(e).__name__})") from None
+                if not 1 <= expected <= max_messages:
+                    raise TooLarge(f"the call announces {expected} messages; at most {max_messages} are accepted")
             messages.append(message)
             if len(messages) >= expected:
                 break
@@ -126,7 +163,12 @@ async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[s
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-    return unpack(messages)
+    return messages
+
+
+async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
+    """:func:`unpack` of :func:`collect`."""
+    return unpack(await collect(stream))
 
 
 LINGER_SECONDS = 60.0

@@ -1,14 +1,33 @@
-"""DHT record schemas: what an expert announces and how a trainer reads it. Pure logic, no network."""
+"""DHT records: what an expert announces, how a trainer reads it, and the validators that keep strangers out of it.
+
+Every expert of an experiment announces itself under one DHT key, ``<experiment>_experts``, in a subkey that holds its
+own RSA public key (hivemind's ``[owner:...]`` marker): hivemind's ``RSASignatureValidator`` then accepts a change of
+that subkey only if it is signed with the matching private key, so no peer can overwrite or hide another's record.
+hivemind's ``SchemaValidator`` accepts only values of the expert-record schema under that key, and
+:class:`ExpirationCap` refuses records that claim to live longer than ``MAX_RECORD_TTL``. Every node of a swarm
+(trainers, experts) runs these validators, on what it is asked to store and on what it reads. Readers parse each
+record once more and skip what does not parse; nothing in the DHT can make them fail.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.timed_storage import get_dht_time
 from torch import nn
 
-__all__ = ["ExpertRecord", "stage_fingerprint", "stage_key", "RecordError"]
+__all__ = ["ExpertRecord", "stage_fingerprint", "experts_key", "RecordError", "record_validators", "local_owner_key",
+           "ExpirationCap", "MAX_RECORD_TTL"]
+
+MAX_RECORD_TTL = 600.0
+"""Longest lifetime (seconds from now) that a node accepts for any record of ours."""
 
 
 class RecordError(ValueError):
@@ -28,24 +47,24 @@ def stage_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_key(experiment: str, stage: str) -> str:
-    """The DHT key under which the experts of one stage announce themselves (one subkey per expert peer id)."""
-    return f"{experiment}.stage.{stage}"
+def experts_key(experiment: str) -> str:
+    """The DHT key under which every expert of ``experiment`` announces itself (one signed subkey per expert)."""
+    return f"{experiment}_experts"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertRecord:
-    """One expert's announcement in the stage directory."""
+    """One expert's announcement in the directory."""
 
     peer_id: str
     stage: str
     fingerprint: str
     version: int = 0
-    """Outer-step version of the stage's shared state (0 until DiLoCo syncs)."""
+    """Outer-step version of the stage's shared state (the DiLoCo round; 0 until DiLoCo syncs)."""
     throughput: float = 0.0
     """Samples per second measured over recent forward/backward calls."""
-    lease_holder: Optional[str] = None
-    """Id of the trainer that currently holds this expert, or None if it is free."""
+    leased: bool = False
+    """Whether a trainer holds this expert now (which one is the expert's own business)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,23 +74,57 @@ class ExpertRecord:
         """Validate a value read from the DHT; raise :class:`RecordError` if it is not a well-formed record."""
         if not isinstance(value, dict):
             raise RecordError(f"expert record must be a dict, got {type(value).__name__}")
-        types = {"peer_id": str, "stage": str, "fingerprint": str, "version": int, "throughput": (int, float)}
+        types = {"peer_id": str, "stage": str, "fingerprint": str, "version": int, "throughput": float, "leased": bool}
+        if set(value) != set(types):
+            raise RecordError(f"expert record has fields {sorted(value)}, expected {sorted(types)}")
         for name, expected in types.items():
-            if name in ("version", "throughput") and name not in value:
-                continue
-            if not isinstance(value.get(name), expected):
-                raise RecordError(f"expert record field {name!r} has bad value {value.get(name)!r}")
-        holder = value.get("lease_holder")
-        if holder is not None and not isinstance(holder, str):
-            raise RecordError(f"expert record field 'lease_holder' has bad value {holder!r}")
-        unknown = set(value) - set(types) - {"lease_holder"}
-        if unknown:
-            raise RecordError(f"expert record has unknown fields {sorted(unknown)}")
-        return cls(
-            peer_id=value["peer_id"],
-            stage=value["stage"],
-            fingerprint=value["fingerprint"],
-            version=int(value.get("version", 0)),
-            throughput=float(value.get("throughput", 0.0)),
-            lease_holder=holder,
-        )
+            if type(value[name]) is not expected:
+                raise RecordError(f"expert record field {name!r} has bad value {value[name]!r}")
+        if value["version"] < 0 or not math.isfinite(value["throughput"]) or value["throughput"] < 0:
+            raise RecordError(f"expert record has a bad version or throughput: {value}")
+        if not value["peer_id"] or len(value["peer_id"]) > 128 or not value["stage"] or len(value["stage"]) > 512:
+            raise RecordError(f"expert record has a bad peer id or stage: {value}")
+        return cls(**value)
+
+
+class _RecordModel(pydantic.BaseModel):
+    """The expert-record schema as hivemind's SchemaValidator checks it (strict types: no conversions)."""
+
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # type: ignore[valid-type]
+    stage: pydantic.constr(strict=True, min_length=1, max_length=512)  # type: ignore[valid-type]
+    fingerprint: pydantic.constr(strict=True, max_length=64)  # type: ignore[valid-type]
+    version: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    throughput: pydantic.confloat(strict=True, ge=0.0)  # type: ignore[valid-type]
+    leased: pydantic.StrictBool
+
+
+class _DirectorySchema(pydantic.BaseModel):
+    """``<experiment>_experts``: one record per owner-marked subkey."""
+
+    experts: dict[BytesWithPublicKey, _RecordModel]  # type: ignore[valid-type]
+
+
+class ExpirationCap(RecordValidatorBase):
+    """Refuses records whose expiration lies more than ``MAX_RECORD_TTL`` seconds ahead (a stranger cannot make a
+    record outlive its owner's heartbeat by much)."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        return record.expiration_time <= get_dht_time() + MAX_RECORD_TTL
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, ExpirationCap)
+
+
+def record_validators(experiment: Optional[str]) -> list[RecordValidatorBase]:
+    """The validators a DHT node of ``experiment`` runs: signatures (hivemind's process-wide RSA key signs this
+    process's records), the directory schema and the expiration cap. Without an experiment (a bare bootstrap node),
+    only the expiration cap."""
+    if experiment is None:
+        return [ExpirationCap()]
+    return [ExpirationCap(), RSASignatureValidator(),
+            SchemaValidator(_DirectorySchema, prefix=experiment, allow_extra_keys=True)]
+
+
+def local_owner_key() -> bytes:
+    """This process's ``[owner:...]`` marker: the subkey under which it may store (and sign) its own record."""
+    return RSASignatureValidator().local_public_key

@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from lightning_distqat.quant.codecs import decode_all, encode_all, payload_bytes
+from lightning_distqat.swarm.auth import AccessToken
 from lightning_distqat.swarm.dht import AsyncRunner
 from lightning_distqat.swarm.messages import (
     LayoutError, flatten_structure, pack, pack_structure, state_to_tensor, tensor_to_state, unpack, unpack_stream,
@@ -48,12 +49,14 @@ class ExpertHandle:
     :class:`ExpertUnavailableError` naming the stage, the expert and the cause."""
 
     def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float,
-                 trainer_id: Optional[str] = None) -> None:
+                 access: Optional[str] = None, experiment: str = "") -> None:
+        """``access``: the experiment's access token, if it has one (every request then carries a proof bound to
+        this trainer's and the expert's peer ids)."""
         from lightning_distqat.expert.servicer import ExpertServicer  # the servicer defines the RPC names
 
         self.stage, self.peer_id, self.timeout = stage, peer_id, timeout
-        self.trainer_id = trainer_id
-        """Sent with every request; the expert serves leased calls only to its lease holder."""
+        self._proof = {"proof": AccessToken(access, experiment).proof(p2p.peer_id.to_base58(), peer_id)} if access \
+            else {}
         self._runner = runner
         self.activations: tuple[str, int] = ("none", 0)
         """Wire codec and block size of this stage's inputs and outputs (set from QuantConfig by the strategy)."""
@@ -90,7 +93,7 @@ class ExpertHandle:
 
     def _unary(self, method: str, header: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
         async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
-            (request,) = pack(runtime_pb2.ExpertRequest, {**header, "trainer": self.trainer_id})
+            (request,) = pack(runtime_pb2.ExpertRequest, {**header, **self._proof})
             response = await getattr(self._stub, method)(request)
             return unpack([response])
 
@@ -99,7 +102,7 @@ class ExpertHandle:
     def _stream(
         self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor], timeout: Optional[float] = None
     ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        messages = list(pack(runtime_pb2.ExpertRequest, {**header, "trainer": self.trainer_id}, tensors))
+        messages = list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof}, tensors))
 
         async def _requests():  # noqa: ANN202
             for message in messages:
@@ -167,8 +170,12 @@ class ExpertHandle:
     def step(self, index: int, groups: list[dict[str, Any]], *, clip_norm: Optional[tuple[float, float]] = None,
              clip_value: Optional[float] = None) -> None:
         """One inner step of optimizer ``index`` with the groups' current hyperparameters; ``clip_norm`` is
-        ``(max_norm, total_norm over every stage)``."""
-        self._unary("rpc_step", {"index": index, "groups": groups, "clip_norm": clip_norm, "clip_value": clip_value})
+        ``(max_norm, total_norm over every stage)``. An update the expert skipped (gradients that are not finite) is
+        logged as a warning."""
+        reply = self._unary("rpc_step", {"index": index, "groups": groups, "clip_norm": clip_norm,
+                                         "clip_value": clip_value})
+        if reply.get("skipped"):
+            log.warning("%s", reply["skipped"])
 
     def grad_norm(self, norm_type: float) -> float:
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
@@ -189,12 +196,14 @@ class ExpertHandle:
         """What the expert says of itself: stage, fingerprint, lease holder, throughput, requests, QAT."""
         return self._unary("rpc_info", {}, timeout)
 
-    def claim(self, trainer_id: str, ttl: float, timeout: Optional[float] = None) -> dict[str, Any]:
-        """Ask for (or renew) this expert's lease. Returns ``{"granted": bool, "holder": str | None}``."""
-        return self._unary("rpc_claim", {"claimant": trainer_id, "ttl": ttl}, timeout)
+    def claim(self, ttl: float, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Ask for (or renew) this expert's lease for this trainer (its libp2p identity). Returns ``{"granted": bool,
+        "ttl", "stage", "fingerprint"}``: the expert's own word on what it serves."""
+        return self._unary("rpc_claim", {"ttl": ttl}, timeout)
 
-    def release(self, trainer_id: str, timeout: Optional[float] = None) -> None:
-        self._unary("rpc_claim", {"claimant": trainer_id, "ttl": 0.0}, timeout)
+    def release(self, timeout: Optional[float] = None) -> None:
+        """Give the lease back (only its holder can)."""
+        self._unary("rpc_claim", {"ttl": 0.0}, timeout)
 
 
 class _RemoteCall(torch.autograd.Function):
