@@ -6,7 +6,9 @@
 - Bounded: hivemind reads a message of a P2P stream whatever length it announces (``P2P.receive_raw_data``), so one
   message from a stranger could take any amount of memory before any handler of ours sees it. In our processes a
   stream message larger than ``MAX_STREAM_MESSAGE`` ends that stream instead. Our own messages are at most about
-  1 MiB (``swarm/messages.py``), hivemind's averaging parts well under that.
+  1 MiB (``swarm/messages.py``), hivemind's averaging and state-download parts 64 KiB, DHT messages a few KiB.
+  The bound is tight on purpose: protobuf spends about 85 bytes per (empty) tensor part it parses, so a 2 MiB message
+  can cost ~200 MiB once parsed, and hivemind's stream handlers parse up to 5 messages ahead of the handler.
 """
 
 import warnings
@@ -17,7 +19,7 @@ with warnings.catch_warnings():
 
 from hivemind.p2p.p2p_daemon import P2P  # noqa: E402
 
-MAX_STREAM_MESSAGE = 16 << 20
+MAX_STREAM_MESSAGE = 2 << 20
 """Largest single message of a P2P stream that our processes read (bytes)."""
 
 

@@ -75,6 +75,17 @@ def test_integer_tensors_pass_through_and_many_tensors_round_trip():
         decode_all(headers, flat + [ids])
 
 
+def test_decoding_is_bounded_before_anything_is_allocated():
+    """int4 codes claiming float64 values grow 16-fold when decoded: the cap counts decoded bytes."""
+    headers, flat = encode_all([torch.randn(4096).double()], "int4", 64, "inputs")
+    assert len(decode_all(headers, flat, max_bytes=4096 * 8)[0]) == 4096
+    with pytest.raises(ValueError, match="decodes to 32768 bytes; at most 16384"):
+        decode_all(headers, flat, max_bytes=16384)
+    for shape in ([0] * 17, [0, 2**60], [True, 1]):
+        with pytest.raises(ValueError, match="bad dtype or shape"):
+            decode_all([{**headers[0], "shape": shape}], flat)
+
+
 def test_quant_config_overrides_and_the_single_switch():
     q = QuantConfig(activations="int8", gradients="fp16", qat="int8-int4",
                     stages={"head": {"activations": "none", "qat": None}})

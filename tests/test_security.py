@@ -118,6 +118,32 @@ def test_a_stranger_cannot_use_release_or_take_a_leased_expert(swarm):
     assert info["leased"] is True and trainer.peer_id not in str(info), "the holder's identity must not be published"
 
 
+def test_a_new_lease_holder_inherits_none_of_the_last_ones_work(swarm):
+    """Gradients the last holder accumulated, its saved activations and its backward answers are gone when another
+    trainer gets the lease: a step of the newcomer changes nothing, a repeated backward reveals nothing."""
+    _, handle, _, intruder, _ = swarm
+    params = lambda: {k: v for k, v in _weights(handle).items() if "running" not in k and "batches" not in k}  # noqa: E731
+    original = _weights(handle)
+    layout, tensors = flatten_structure(((torch.randn(4, 8),), {}))
+    handle.forward("mine", layout, tensors, training=True, need_grad=True)
+    handle.backward("mine", [torch.ones(4, 8)])  # gradients wait for the holder's step
+    handle.forward("kept", layout, tensors, training=True, need_grad=True)
+    before = params()
+    handle.release()
+    try:
+        assert intruder.claim(ttl=30)["granted"] is True
+        intruder.step(0, [{"lr": 10.0}])
+        for request_id in ("mine", "kept"):
+            with pytest.raises(ExpertError, match=f"no forward with id {request_id}"):
+                intruder.backward(request_id, [torch.ones(4, 8)])
+        after = {k: v for k, v in intruder.get_state()["module"].items() if k in before}
+        assert _same(after, before), "the newcomer stepped the last holder's gradients"
+    finally:
+        intruder.release()
+        assert handle.claim(ttl=30)["granted"] is True
+        handle.set_state({"module": original})  # the training forwards moved BatchNorm's running stats
+
+
 def test_network_requests_import_nothing_and_the_expert_stays_healthy(swarm, capfd):
     _, handle, _, _, pid = swarm
     names = [n for n, _ in STAGE.named_parameters()]
@@ -128,6 +154,10 @@ def test_network_requests_import_nothing_and_the_expert_stays_healthy(swarm, cap
         handle.step(0, [{"params": [], "lr": 0.1}])
     with pytest.raises(ExpertError, match="must be finite"):
         handle.step(0, [{"lr": float("inf")}])
+    with pytest.raises(ExpertError, match="is not of the kind of the current"):
+        handle.step(0, [{"lr": None}])
+    with pytest.raises(ExpertError, match="two numbers >= 0"):
+        handle.step(0, [{"lr": 0.1}], clip_norm=(1.0, -5.0))
     assert "Beautiful is better than ugly" not in capfd.readouterr().err, "a module was imported on request"
     os.kill(pid, 0)  # alive
     _forward_backward_is_right(handle)
@@ -159,7 +189,20 @@ def test_a_running_diloco_config_cannot_be_replaced(swarm):
     from lightning_distqat import DiLoCoConfig
 
     _, handle, _, _, _ = swarm
-    assert handle.diloco("start", config=asdict(DiLoCoConfig()), solo=True)["round"] == 0
+    good = asdict(DiLoCoConfig())
+    for change, message in [
+        ({"outer_lr": 1e30}, "outer_lr must be at most 10"),
+        ({"outer_lr": float("nan")}, "outer_lr must be a finite number"),
+        ({"nesterov": "yes"}, "nesterov must be a bool"),
+        ({"target_group_size": 10**9}, "target_group_size must be None or an int"),
+        ({"averaging_timeout": 1e9}, "averaging_timeout must be at most 3600"),
+        ({"outer_optimizer": "torch.optim.Adam", "outer_optimizer_kwargs": {"eps": float("inf")}}, "must be finite"),
+        ({"outer_optimizer": "torch.optim.Adam", "outer_optimizer_kwargs": {"params": []}}, "unknown keys"),
+        ({"outer_optimizer": "os.system"}, "is not allowed on this expert"),
+    ]:  # refused before anything starts: a good config is still free to start afterwards
+        with pytest.raises(ExpertError, match=message):
+            handle.diloco("start", config={**good, **change}, solo=True)
+    assert handle.diloco("start", config=good, solo=True)["round"] == 0
     with pytest.raises(ExpertError, match="already averages with another DiLoCo config"):
         handle.diloco("start", config={**asdict(DiLoCoConfig()), "outer_lr": 1e30}, solo=True)
     with pytest.raises(ExpertError, match="a DiLoCo config is a dict with keys among"):
@@ -196,6 +239,41 @@ def test_a_stage_that_exits_stops_its_expert_instead_of_leaving_it_half_alive():
     finally:
         trainer.shutdown()
         expert.shutdown()
+
+
+def test_a_call_without_the_lease_is_refused_on_its_first_message(swarm):
+    """A stranger's training forward announcing 32 messages of 1 MiB is refused after its header: the refusal
+    arrives while the rest is still unsent, so the expert never buffers it."""
+    _, handle, stranger, _, _ = swarm
+    layout, tensors = flatten_structure(((torch.randn((32 << 20) // 32, 8),), {}))
+    messages = list(pack(runtime_pb2.ExpertRequest, {"request_id": "big", "layout": layout, "training": True,
+                                                     "need_grad": True}, tensors))
+    assert len(messages) >= 32
+    stub = ExpertServicer.get_stub(stranger.p2p, PeerID.from_base58(handle.peer_id))
+    sent = []
+
+    async def call() -> tuple:
+        answered = asyncio.Event()
+
+        async def requests():  # noqa: ANN202
+            for message in messages:
+                sent.append(message)
+                yield message
+                if len(sent) == 1:  # hold the rest back until the answer came (or 20 s passed)
+                    try:
+                        await asyncio.wait_for(answered.wait(), 20)
+                    except asyncio.TimeoutError:
+                        pass
+                    return
+
+        stream = await stub.rpc_forward(requests())
+        answer = await collect(stream)
+        answered.set()
+        return unpack(answer)[0], len(sent)
+
+    header, count = stranger.runner.run(call(), timeout=60)
+    assert count == 1 and "needs the expert's lease" in header["error"], (count, header)
+    _forward_backward_is_right(handle)
 
 
 # ---------------------------------------------------------------------- fuzzing and floods
@@ -393,7 +471,8 @@ def _as_nobody(code: str) -> subprocess.CompletedProcess:
 
 
 def test_another_local_user_cannot_reach_the_data_server_or_ack_for_another_trainer(tmp_path):
-    config = DataConfig(source="sklearn-digits", image_size=8, batch_size=32, num_trainers=2, name="guard")
+    config = DataConfig(source="sklearn-digits", image_size=8, batch_size=32, num_trainers=2, name="guard",
+                        val_fraction=0.2)
     with DataServer(config) as server:
         directory = os.path.dirname(server.address)
         mode = os.stat(directory).st_mode & 0o777
@@ -422,6 +501,14 @@ def test_another_local_user_cannot_reach_the_data_server_or_ack_for_another_trai
             send(second._sock, ["ack", 0, 0, 0])  # trainer 1 acknowledges trainer 0's first batch
             second.info()  # a round trip: the ack before it was handled
             assert server._acked.get((0, 0), 0) == 0, "trainer 1 counted a batch for trainer 0"
+            third = DataClient(server.address, 0).connect()  # trainer 0's id again, on the validation split
+            try:
+                third.start("validation", 0)
+                send(third._sock, ["ack", 0, 0, 0])
+                third.info()
+                assert server._acked.get((0, 0), 0) == 0, "a validation connection counted a training batch"
+            finally:
+                third.close()
             first.ack(0, 0)
             first.info()
             assert server._acked.get((0, 0)) == 1

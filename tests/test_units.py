@@ -205,16 +205,31 @@ def test_a_step_with_gradients_that_are_not_finite_is_skipped_and_says_so():
     assert backend.module.weight.grad is None, "the bad gradients are dropped"
 
 
-def test_a_peers_outer_state_is_used_only_if_finite_and_near():
-    from lightning_distqat.diloco.config import DiLoCoConfig
-    from lightning_distqat.diloco.sync import DiLoCoSync
+def test_a_stage_prepared_for_qat_refuses_a_trainer_without_it():
+    backend = StageBackend("s", nn.Sequential(nn.Linear(32, 32)))
+    backend.prepare_qat(None, 0)  # no QAT asked, none applied: nothing to do
+    backend.prepare_qat("int8-int4", 32)
+    backend.prepare_qat("int8-int4", 32)  # the same again: fine
+    for scheme, group_size in ((None, 0), ("int4-weight", 32), ("int8-int4", 16)):
+        with pytest.raises(StageError, match="already prepared for QAT"):
+            backend.prepare_qat(scheme, group_size)
 
-    model = nn.Linear(4, 2)
-    sync = DiLoCoSync(list(model.parameters()), DiLoCoConfig(max_state_distance=1.0), dht=None, prefix="p", solo=True)
-    near = {"outer": [o.detach() * 1.1 for o in sync.state.outer]}
-    sync._check_peer_state(near)
-    for bad, cause in [({"outer": [torch.full_like(o, float("nan")) for o in sync.state.outer]}, "not finite"),
-                       ({"outer": [o.detach() * 100 for o in sync.state.outer]}, "away from ours"),
-                       ({"outer": [torch.zeros(3)]}, "do not match"), ("junk", "not an outer state")]:
-        with pytest.raises(ValueError, match=cause):
-            sync._check_peer_state(bad)
+
+def test_a_directory_subkey_is_one_owner_marker_and_nothing_else():
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from lightning_distqat.swarm.records import OwnerSubkeyOnly, experts_key, local_owner_key
+
+    validator = OwnerSubkeyOnly("exp")
+    key = DHTID.generate(source=experts_key("exp")).to_bytes()
+    other = DHTID.generate(source="something_else").to_bytes()
+
+    def record(subkey, on=key):  # noqa: ANN001, ANN202
+        return DHTRecord(on, MSGPackSerializer.dumps(subkey) if subkey is not None else None, b"v", 0.0)
+
+    assert validator.validate(record(local_owner_key()))
+    for bad in (local_owner_key() + b"-2", b"x" + local_owner_key(), local_owner_key() * 2, b"plain", "str", None):
+        assert not validator.validate(record(bad)), bad
+    assert validator.validate(record(b"anything", on=other)), "other keys are not this validator's business"

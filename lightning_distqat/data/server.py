@@ -1,13 +1,15 @@
 """The shared-memory data server (``distqat-data``): loads a dataset once per machine and hands ready batches to the
 trainers of that machine.
 
-Trainers talk to it over a Unix socket (small pickled messages); batches travel through shared memory (see
+Trainers of the same user talk to it over a Unix socket in the user's private directory (length-prefixed JSON
+messages, :mod:`lightning_distqat.data.wire`); batches travel through shared memory (see
 :mod:`lightning_distqat.data.shm`). Per trainer connection one producer thread prepares the next ``prefetch``
 batches of that trainer's share while the trainer trains.
 
 Exactly once per epoch: the epoch's order is a function of (seed, epoch) and batch ``j`` belongs to trainer
 ``j % num_trainers``. A trainer acknowledges a batch after its training step; the server counts, per trainer and
-epoch, the batches acknowledged in order. A trainer that reconnects (after a crash) starts at its first unacknowledged
+epoch, the batches acknowledged in order (only the connection that streams a trainer's training batches acknowledges
+them). A trainer that reconnects (after a crash) starts at its first unacknowledged
 batch, so the batch it was training on when it died comes again and nothing it finished comes twice.
 """
 
@@ -262,6 +264,11 @@ class DataServer:
                 log.warning("DataServer: trainer %d acknowledged batch %d of epoch %d out of order (expected %s)",
                             trainer_id, index, epoch, expected if expected < total else "none")
 
+    def streams_train(self, session: "_Session", trainer_id: int) -> bool:
+        """Whether ``session`` is the one connection that streams ``trainer_id``'s training batches."""
+        with self._lock:
+            return self._active.get((trainer_id, "train")) is session
+
     def release(self, session: "_Session") -> None:
         """Forget an ended session (its acknowledgements are kept)."""
         with self._lock:
@@ -331,11 +338,11 @@ class _Session(threading.Thread):
                 return self._stream.next()
             if kind == "ack":
                 _, trainer_id, epoch, index = _typed(message, int, int, int)
-                if trainer_id == self.trainer_id:
+                if trainer_id == self.trainer_id and self.server.streams_train(self, trainer_id):
                     self.server.ack(trainer_id, epoch, index)
-                else:  # one trainer cannot count batches for another
-                    log.warning("DataServer: a connection of trainer %s acknowledged for trainer %s; ignored",
-                                self.trainer_id, trainer_id)
+                else:  # only the connection that streams a trainer's training batches acknowledges them
+                    log.warning("DataServer: a connection of trainer %s (not streaming its training batches) "
+                                "acknowledged for trainer %s; ignored", self.trainer_id, trainer_id)
                 return None
             return ("error", "DataServerError", f"unknown request {kind!r}")
         except (DataServerError, DataSourceError) as e:

@@ -1,7 +1,8 @@
 """How a trainer and its machine's data server talk: JSON messages (never pickle) over a Unix socket in a private
 directory of the user, accepted only from processes of the same user.
 
-- :func:`private_dir`: ``$XDG_RUNTIME_DIR/distqat`` when that is the user's, else ``<tmp>/distqat-<uid>``; mode 0700,
+- :func:`private_dir`: ``$XDG_RUNTIME_DIR/distqat`` when that directory is the user's and only the user writes
+  there, else ``<tmp>/distqat-<uid>``; mode 0700,
   owned by the user, or an error that says what is wrong (another user could otherwise plant a socket there first).
 - :func:`send` / :func:`recv`: one JSON value per message, length-prefixed, at most ``MAX_MESSAGE`` bytes.
 - :func:`peer_uid`: the user of the process at the other end (``SO_PEERCRED``).
@@ -31,7 +32,8 @@ def private_dir() -> str:
     """This user's private directory for sockets (made if missing). Raises ``PermissionError`` naming the path if it
     belongs to someone else or others may enter it."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.stat(runtime).st_uid == os.getuid():
+    info = os.stat(runtime) if runtime and os.path.isdir(runtime) else None
+    if info is not None and info.st_uid == os.getuid() and not info.st_mode & 0o022:  # ours, and only we write there
         path = os.path.join(runtime, "distqat")
     else:
         path = os.path.join(tempfile.gettempdir(), f"distqat-{os.getuid()}")

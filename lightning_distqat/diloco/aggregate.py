@@ -1,15 +1,19 @@
 """How the replicas of a round combine their pseudo-gradients when one of them may be broken or hostile. Pure math.
 
-Every replica receives every other replica's contribution (an all-gather, see ``sync.py``) and computes the same
-aggregate from the same inputs, in the same order:
+Every replica receives every other replica's contribution (an all-gather, see ``sync.py``) and computes the aggregate
+from the same inputs, in the same order:
 
-1. Screening. A contribution is left out if its weight is not finite and positive, or above ``max_weight_ratio``
-   times the median weight; if any of its values is not finite; or (with three contributions or more) if its norm is
-   above ``max_norm_ratio`` times the median norm.
-2. CenteredClip (Karimireddy et al., 2021) over what is left, weighted: starting at the weighted mean, every
-   contribution's pull on the center is clipped to ``clip_radius``, chosen as ``clip_factor`` times the median distance
-   of the contributions to the weighted mean. Contributions that agree (all within that radius) give exactly their
-   weighted mean; one that stays far can move the result by at most its weight share of the radius.
+1. Screening. A contribution is left out if its weight is not finite and positive, or its values are not all finite.
+   With three contributions or more, one whose weight is above ``max_weight_ratio`` times the median weight, or whose
+   norm is above ``max_norm_ratio`` times the median norm, is left out too. With two there is no majority to ask: each
+   replica measures the other against its own contribution (``own``), so the other's weight may be at most
+   ``max_weight_ratio`` and its norm at most ``max_norm_ratio`` times its own.
+2. With three or more, the reference is the coordinate-wise median of what is left, and the radius ``tau`` is
+   ``clip_factor`` times the median distance of the contributions from it. If every contribution lies within ``tau``
+   the result is exactly their weighted mean (honest replicas that agree lose nothing). Otherwise CenteredClip
+   (Karimireddy et al., 2021), started at the reference, clips every contribution's pull to ``tau``, and its result is
+   projected onto the ball of radius ``tau`` around the reference: whatever weights and directions a minority claims
+   within the screening limits, the result stays within ``tau`` of the median, which the majority determines.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
 
 
-def robust_aggregate(contributions: Sequence[Contribution], *, max_weight_ratio: float = 100.0,
-                     max_norm_ratio: float = 10.0, clip_factor: float = 4.0, iterations: int = 5,
-                     max_weight: float = 1e12) -> Optional[Aggregate]:
-    """The screened, CenteredClip aggregate of ``contributions`` (see the module docstring); None if none is left.
+def robust_aggregate(contributions: Sequence[Contribution], *, own: Optional[str] = None,
+                     max_weight_ratio: float = 100.0, max_norm_ratio: float = 4.0, clip_factor: float = 4.0,
+                     iterations: int = 20, max_weight: float = 1e12) -> Optional[Aggregate]:
+    """The screened, clipped aggregate of ``contributions`` (see the module docstring); None if none is left.
+    ``own``: the peer computing it, the reference when only two contributions are left.
 
     The result is computed in float64 and returned in each tensor's dtype; identical inputs give identical outputs."""
     excluded: dict[str, str] = {}
@@ -61,38 +66,48 @@ def robust_aggregate(contributions: Sequence[Contribution], *, max_weight_ratio:
             excluded[c.peer] = "values that are not finite"
         else:
             kept.append(c)
-    if len(kept) >= 2:
-        median_weight = statistics.median(c.weight for c in kept)
-        heavy = {c.peer for c in kept if c.weight > max_weight_ratio * median_weight}
-        excluded.update({p: f"weight above {max_weight_ratio:g} x the median weight" for p in heavy})
-        kept = [c for c in kept if c.peer not in heavy]
     flats = {c.peer: _flat(c.tensors) for c in kept}
+    norms = {p: float(f.norm()) for p, f in flats.items()}
+    mine = next((c for c in kept if c.peer == own), None)
     if len(kept) >= 3:
-        norms = {p: float(f.norm()) for p, f in flats.items()}
-        median_norm = statistics.median(norms.values())
-        large = {p for p, n in norms.items() if n > max_norm_ratio * max(median_norm, 1e-30)}
-        excluded.update({p: f"norm above {max_norm_ratio:g} x the median norm" for p in large})
-        kept = [c for c in kept if c.peer not in large]
+        ref_weight, ref_norm, against = statistics.median(c.weight for c in kept), \
+            statistics.median(norms.values()), "the median"
+    elif len(kept) == 2 and mine is not None:
+        ref_weight, ref_norm, against = mine.weight, norms[mine.peer], "this replica's own"
+    else:
+        ref_weight = ref_norm = None
+    if ref_weight is not None:
+        for c in kept:
+            if c.weight > max_weight_ratio * ref_weight:
+                excluded[c.peer] = f"weight above {max_weight_ratio:g} x {against} weight"
+            elif norms[c.peer] > max_norm_ratio * max(ref_norm, 1e-30):
+                excluded[c.peer] = f"norm above {max_norm_ratio:g} x {against} norm"
+        kept = [c for c in kept if c.peer not in excluded]
     if not kept:
         return None
     weights = torch.tensor([c.weight for c in kept], dtype=torch.float64)
     weights = weights / weights.sum()
     points = torch.stack([flats[c.peer] for c in kept])
     center = (weights[:, None] * points).sum(0)
-    distances = (points - center).norm(dim=1)
-    radius = clip_factor * float(distances.median())
-    if radius > 0:
-        for _ in range(iterations):
-            deltas = points - center
-            norms = deltas.norm(dim=1)
-            scale = torch.clamp(radius / torch.clamp(norms, min=1e-300), max=1.0)
-            step = (weights[:, None] * deltas * scale[:, None]).sum(0)
-            center = center + step
-            if float(step.norm()) <= 1e-12 * max(float(center.norm()), 1e-30):
-                break
-    out, offset = [], 0
+    if len(kept) >= 3:
+        reference = points.median(dim=0).values
+        distances = (points - reference).norm(dim=1)
+        radius = clip_factor * float(distances.median())
+        if float(distances.max()) > radius:
+            center = reference.clone()
+            for _ in range(iterations):
+                deltas = points - center
+                scale = torch.clamp(radius / torch.clamp(deltas.norm(dim=1), min=1e-300), max=1.0)
+                step = (weights[:, None] * deltas * scale[:, None]).sum(0)
+                center = center + step
+                if float(step.norm()) <= 1e-12 * max(float(center.norm()), 1e-30):
+                    break
+            offset = center - reference
+            if float(offset.norm()) > radius:
+                center = reference + offset * (radius / float(offset.norm()))
+    out, start = [], 0
     for t in kept[0].tensors:
         n = t.numel()
-        out.append(center[offset:offset + n].view(t.shape).to(t.dtype))
-        offset += n
+        out.append(center[start:start + n].view(t.shape).to(t.dtype))
+        start += n
     return Aggregate(out, [c.peer for c in kept], excluded)

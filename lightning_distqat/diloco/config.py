@@ -19,7 +19,7 @@ class DiLoCoConfig:
     """H: inner optimizer steps (training batches that stepped) between two outer rounds."""
 
     outer_lr: float = 0.7
-    """Learning rate of the outer optimizer."""
+    """Learning rate of the outer optimizer, in (0, 10]."""
 
     outer_momentum: float = 0.9
     """Momentum of the default outer optimizer (SGD)."""
@@ -51,15 +51,16 @@ class DiLoCoConfig:
     """Values per scale of the ``int8``/``int4`` pseudo-gradient codecs."""
 
     max_weight_ratio: float = 100.0
-    """A replica whose weight (samples since the last round) exceeds this times the median weight of its group is left
-    out of the round (a replica cannot claim to have done all the work)."""
+    """A replica whose weight (samples since the last round) exceeds this times the median weight of its group (in a
+    group of two: this replica's own weight) is left out of the round (a replica cannot claim all the work)."""
 
-    max_norm_ratio: float = 10.0
-    """With three replicas or more, one whose pseudo-gradient norm exceeds this times the median norm is left out."""
+    max_norm_ratio: float = 4.0
+    """A replica whose pseudo-gradient norm exceeds this times the median norm of its group (in a group of two: this
+    replica's own norm) is left out of the round."""
 
     clip_factor: float = 4.0
-    """CenteredClip radius, in median distances of the contributions from their mean: contributions within it
-    average exactly; one farther off moves the result by at most its weight share of the radius."""
+    """Clipping radius, in median distances of the contributions from their coordinate-wise median: when all are
+    within it they average exactly; otherwise the result stays within that radius of the median."""
 
     max_state_distance: float = 10.0
     """A peer's outer state is adopted only if its distance from this replica's outer params, relative to their norm,
@@ -72,12 +73,29 @@ class DiLoCoConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"DiLoCoConfig: {name} must be a finite number > 0, got {value!r}")
-        if not 0 <= self.outer_momentum < 1:
+        for name, most in (("outer_lr", 10.0), ("averaging_timeout", 3600.0), ("matchmaking_time", 600.0)):
+            if getattr(self, name) > most:
+                raise ValueError(f"DiLoCoConfig: {name} must be at most {most:g}, got {getattr(self, name)!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"DiLoCoConfig: nesterov must be a bool, got {self.nesterov!r}")
+        if self.target_group_size is not None and (not isinstance(self.target_group_size, int)
+                                                   or isinstance(self.target_group_size, bool)
+                                                   or not 2 <= self.target_group_size <= 1024):
+            raise ValueError(f"DiLoCoConfig: target_group_size must be None or an int in [2, 1024], got "
+                             f"{self.target_group_size!r}")
+        if self.outer_optimizer is not None and not isinstance(self.outer_optimizer, str):
+            raise ValueError(f"DiLoCoConfig: outer_optimizer must be a class path (str) or None, got "
+                             f"{self.outer_optimizer!r}")
+        if not isinstance(self.outer_optimizer_kwargs, dict) or not all(
+                isinstance(k, str) for k in self.outer_optimizer_kwargs):
+            raise ValueError(f"DiLoCoConfig: outer_optimizer_kwargs must be a dict with str keys, got "
+                             f"{self.outer_optimizer_kwargs!r}")
+        if not isinstance(self.outer_momentum, (int, float)) or not 0 <= self.outer_momentum < 1:
             raise ValueError(f"DiLoCoConfig: outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
         if not isinstance(self.codec_block_size, int) or not 2 <= self.codec_block_size <= 2**16:
             raise ValueError(f"DiLoCoConfig: codec_block_size must be an int in [2, 65536], got "
                              f"{self.codec_block_size!r}")
-        if self.inner_steps < 1:
+        if not isinstance(self.inner_steps, int) or isinstance(self.inner_steps, bool) or self.inner_steps < 1:
             raise ValueError(f"DiLoCoConfig: inner_steps must be >= 1, got {self.inner_steps}")
         if self.pseudo_gradient_codec not in PSEUDO_GRADIENT_CODECS:
             raise ValueError(f"DiLoCoConfig: pseudo_gradient_codec {self.pseudo_gradient_codec!r} is unknown; "

@@ -74,13 +74,17 @@ class OuterState:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Adopt another replica's outer state (params, optimizer, round) and reset local params to it."""
+        """Adopt another replica's outer state (params, optimizer state, round) and reset local params to it. The
+        hyperparameters of the outer optimizer stay this replica's own (its config says what they are)."""
         if len(state["outer"]) != len(self.outer) or any(
             a.shape != b.shape for a, b in zip(state["outer"], self.outer)
         ):
             raise ValueError("DiLoCo: the peer's outer state does not match this replica's parameters")
+        own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, own):
+            group.update(hyper)
         for o, saved in zip(self.outer, state["outer"]):
             o.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.round = int(state["round"])
         self.copy_to_local()

@@ -167,7 +167,7 @@ class _Averager(DecentralizedAverager):
                 excluded[peer] = f"contribution cannot be read ({type(e).__name__}: {e})"
                 continue
             contributions.append(Contribution(peer, w, decoded))
-        result = robust_aggregate(contributions, max_weight_ratio=self._diloco.max_weight_ratio,
+        result = robust_aggregate(contributions, own=me, max_weight_ratio=self._diloco.max_weight_ratio,
                                   max_norm_ratio=self._diloco.max_norm_ratio, clip_factor=self._diloco.clip_factor)
         if result is None or me not in result.used:
             raise AllreduceException(f"this replica's own contribution was left out ({excluded or result})")
@@ -202,7 +202,7 @@ class _Averager(DecentralizedAverager):
                     group_id, weight = message.group_id, float(message.weight)
                     if not await self._await_group(group_id) or sender not in self._members.get(group_id, ()):
                         return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
-                size += len(message.tensor_part.buffer)
+                size += message.ByteSize()  # every field: empty parts cost memory too
                 if size > limit or message.group_id != group_id:
                     return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
                 if message.tensor_part.dtype and pending:
@@ -297,6 +297,8 @@ class DiLoCoSync:
                 return False
             state = tensor_to_state(tensors[0])
             self._check_peer_state(state)
+            if state["round"] != peer_round:
+                raise ValueError(f"its state is of round {state['round']}, its announcement says {peer_round}")
             self.state.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - whatever a peer sent: keep ours
             log.warning("DiLoCo %s: refused a peer's outer state (%s)", self._prefix, e)
@@ -305,21 +307,39 @@ class DiLoCoSync:
         return True
 
     def _check_peer_state(self, state: Any) -> None:
-        """A peer's outer state is used only if it is finite and within ``max_state_distance`` (relative) of this
-        replica's own outer params."""
+        """A peer's outer state is used only if it has this replica's layout, a round in [0, 2^31), and finite outer
+        params and optimizer state within ``max_state_distance`` (relative to the norm of this replica's outer
+        params) of its own outer params and of zero respectively."""
         outer = state.get("outer") if isinstance(state, dict) else None
         if not isinstance(outer, list) or not all(isinstance(t, torch.Tensor) for t in outer):
             raise ValueError("not an outer state")
+        peer_round = state.get("round")
+        if not isinstance(peer_round, int) or isinstance(peer_round, bool) or not 0 <= peer_round < 2**31:
+            raise ValueError(f"its round {peer_round!r} is not an int in [0, 2^31)")
+        optimizer = state.get("optimizer")
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+            raise ValueError("its outer optimizer state is not an optimizer state dict")
         if not all(bool(torch.isfinite(t).all()) for t in outer):
             raise ValueError("its outer params are not finite")
         own = torch.cat([o.detach().reshape(-1).double() for o in self.state.outer])
         theirs = torch.cat([t.reshape(-1).double() for t in outer]) if outer else own
         if theirs.shape != own.shape:
             raise ValueError("its outer params do not match this replica's")
-        distance = float((theirs - own).norm()) / max(float(own.norm()), 1e-12)
+        scale = max(float(own.norm()), 1e-12)
+        distance = float((theirs - own).norm()) / scale
         if distance > self.config.max_state_distance:
             raise ValueError(f"its outer params are {distance:.3g} (relative) away from ours, more than "
                              f"max_state_distance={self.config.max_state_distance}")
+        for index, slots in optimizer["state"].items():
+            if not isinstance(slots, dict):
+                raise ValueError(f"its outer optimizer state for param {index!r} is not a dict")
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"its outer optimizer state {name!r} is not finite")
+                    if value.numel() > 1 and float(value.double().norm()) / scale > self.config.max_state_distance:
+                        raise ValueError(f"its outer optimizer state {name!r} is larger than max_state_distance "
+                                         "times our outer params")
 
     def round(self, samples: float) -> RoundReport:
         """Average pseudo-gradients with the replicas that show up within ``averaging_timeout`` (weighted by

@@ -43,6 +43,23 @@ def build_call(layout: dict[str, Any], tensors: Sequence[torch.Tensor]) -> tuple
     return list(args), kwargs
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same_kind(current: Any, new: Any) -> bool:
+    """A hyperparameter update keeps the kind of value a group holds: a number stays a number (an LR scheduler
+    may turn an int into a float), a bool a bool, a tuple a tuple of the same length, None None."""
+    if _number(current):
+        return _number(new)
+    if isinstance(current, (tuple, list)):
+        return isinstance(new, (tuple, list)) and len(new) == len(current) and all(
+            _same_kind(c, n) for c, n in zip(current, new))
+    if isinstance(current, torch.Tensor):  # e.g. a tensor lr: replaced by a number
+        return _number(new)
+    return type(current) is type(new)
+
+
 class StageBackend:
     """One stage's module with its optimizers and saved forward contexts."""
 
@@ -174,13 +191,25 @@ class StageBackend:
         return self.performance.samples_per_second if self.performance.num_updates else 0.0
 
     # ------------------------------------------------------------------ optimizers
+    def new_holder(self) -> None:
+        """A trainer other than the last one holds the lease now: nothing of the last one's work carries over (its
+        accumulated gradients, saved activations and answers). Weights, optimizer state and DiLoCo state stay."""
+        for p in self._params.values():
+            p.grad = None
+        for request_id in list(self._pending):
+            self._forget(request_id)
+        self._dropped.clear()
+        self._answered.clear()
+
     def prepare_qat(self, scheme: Optional[str], group_size: int) -> None:
-        """Insert torchao fake quantizers (before any optimizer exists: they keep the same parameters)."""
-        if scheme is None or self.qat == (scheme, group_size):
+        """Insert torchao fake quantizers (before any optimizer exists: they keep the same parameters). ``scheme``
+        None asks for a stage without QAT, refused when the stage already has it (fake quantizers cannot be taken
+        out of a running stage)."""
+        if self.qat == ((scheme, group_size) if scheme is not None else None):
             return
         if self.qat is not None:
-            raise StageError(f"stage '{self.name}' is already prepared for QAT {self.qat}; restart the expert to "
-                             f"change the scheme")
+            raise StageError(f"stage '{self.name}' is already prepared for QAT {self.qat} by an earlier trainer; "
+                             f"this one asks for {scheme!r}: use the same quant.qat, or restart the expert")
         if self.optimizers:
             raise StageError(f"stage '{self.name}': QAT must be prepared before the optimizers are configured")
         from lightning_distqat.quant.qat import prepare
@@ -252,8 +281,16 @@ class StageBackend:
                        for i, (g, h) in enumerate(zip(optimizer.param_groups, group_hparams))]
             clip = plain_hparams({"clip_norm": clip_norm, "clip_value": clip_value}, ["clip_norm", "clip_value"],
                                  "clipping")
-            if clip["clip_norm"] is not None and len(clip["clip_norm"]) != 2:
-                raise ValueError("clip_norm is (max_norm, total_norm)")
+            for i, (group, hparams) in enumerate(zip(optimizer.param_groups, updates)):
+                for key, value in hparams.items():
+                    if not _same_kind(group[key], value):
+                        raise ValueError(f"param group {i}: {key}={value!r} is not of the kind of the current "
+                                         f"{group[key]!r}")
+            if clip["clip_norm"] is not None and (
+                    len(clip["clip_norm"]) != 2 or not all(_number(v) and v >= 0 for v in clip["clip_norm"])):
+                raise ValueError("clip_norm is (max_norm, total_norm), two numbers >= 0")
+            if clip["clip_value"] is not None and not (_number(clip["clip_value"]) and clip["clip_value"] >= 0):
+                raise ValueError("clip_value is a number >= 0")
         except (ValueError, TypeError) as e:
             raise StageError(f"stage '{self.name}': step refused ({e})") from None
         self._pending.clear()  # any forward not yet backpropagated belongs to a finished step

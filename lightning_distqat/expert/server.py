@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from hivemind.utils import get_dht_time
@@ -18,7 +20,7 @@ from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend
 from lightning_distqat.expert.servicer import ExpertServicer
 from lightning_distqat.swarm.dht import start_dht
-from lightning_distqat.expert.checks import OptimizerAllowlist
+from lightning_distqat.expert.checks import OptimizerAllowlist, plain_hparams
 from lightning_distqat.swarm.records import ExpertRecord, experts_key, local_owner_key
 
 __all__ = ["ExpertServer"]
@@ -83,6 +85,10 @@ class ExpertServer:
 
             def make_sync(config: Any, solo: bool, caller: Optional[str]) -> DiLoCoSync:
                 outer = allowlist.resolve(config.outer_optimizer, caller) if config.outer_optimizer else None
+                if outer is not None:  # its keyword arguments come from the network too
+                    known = [name for name in inspect.signature(outer).parameters if name not in ("params", "lr")]
+                    config = replace(config, outer_optimizer_kwargs=plain_hparams(
+                        config.outer_optimizer_kwargs, known, "DiLoCoConfig.outer_optimizer_kwargs"))
                 return DiLoCoSync(backend.trainable_params(), config, dht=dht, prefix=prefix, solo=solo,
                                   outer_optimizer_cls=outer)
 

@@ -35,6 +35,9 @@ __all__ = ["ExpertServicer"]
 log = logging.getLogger(__name__)
 Request, Response = runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse
 Body = Callable[[dict, list, str], Awaitable[tuple[dict, list]]]
+REFUSED_LINGER_SECONDS = 5.0
+"""How long a refused caller's stream stays open for it to read the refusal (it does not count as in flight)."""
+Receive = Callable[[Callable[[dict], None]], Awaitable[list]]
 MakeSync = Callable[[DiLoCoConfig, bool, Optional[str]], DiLoCoSync]
 
 
@@ -59,6 +62,7 @@ class ExpertServicer(ServicerBase):
         self._diloco_config: Optional[dict[str, Any]] = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
         self._lease: tuple[Optional[str], float] = (None, 0.0)
+        self._last_holder: Optional[str] = None
         self._in_flight: dict[str, int] = {}
         self.requests_served = 0
         self.requests_failed = 0
@@ -108,22 +112,25 @@ class ExpertServicer(ServicerBase):
             raise StageError("this call needs the expert's lease, which the caller does not hold (claim a free "
                              "expert first)")
 
-    async def _answer(self, what: str, context: P2PContext, receive: Callable[[], Awaitable[list]], body: Body, *,
-                      leased: Callable[[dict], bool]) -> tuple[dict, list]:
-        """Admit the caller, read the request within bounds, check its access proof and lease, run
-        ``body(header, tensors, caller)`` and turn any failure into an error reply. A ``SystemExit`` or ``KeyboardInterrupt``
-        from the stage is fatal: the expert stops (after answering with the error)."""
+    async def _answer(self, what: str, context: P2PContext, receive: Receive, body: Body, *,
+                      leased: Callable[[dict], bool], admitted: bool = False) -> tuple[dict, list]:
+        """Admit the caller (unless ``admitted``), read the request within bounds (its access proof and lease are
+        checked on its first message, before the rest is read), run ``body(header, tensors, caller)`` and turn any
+        failure into an error reply. A ``SystemExit`` or ``KeyboardInterrupt`` from the stage is fatal: the expert
+        stops (after answering with the error)."""
         caller = context.remote_id.to_base58()
+        if not admitted:
+            try:
+                self._admit(caller)
+            except StageError as e:
+                return self._error(what, e), []
         try:
-            self._admit(caller)
-        except StageError as e:
-            return self._error(what, e), []
-        try:
-            messages = await receive()
+            check = lambda header: self._authorize(header, caller, leased(header))  # noqa: E731
+            messages = await receive(check)
             header, tensors = await asyncio.get_running_loop().run_in_executor(None, unpack, messages)
             if header is None:
                 raise StageError("empty or incomplete request")
-            self._authorize(header, caller, leased(header))
+            check(header)
             reply, out = await body(header, tensors, caller)
             self.requests_served += 1
             return reply or {}, out
@@ -135,32 +142,45 @@ class ExpertServicer(ServicerBase):
         except Exception as e:  # noqa: BLE001 - one bad request must never stop the expert
             return self._error(what, e), []
         finally:
-            self._release(caller)
+            if not admitted:
+                self._release(caller)
 
-    def _streamed_request(self, requests: AsyncIterator[Request]) -> Callable[[], Awaitable[list]]:
+    def _streamed_request(self, requests: AsyncIterator[Request]) -> Receive:
         cfg = self.config
-        return lambda: collect(requests, max_messages=cfg.max_request_messages, max_bytes=cfg.max_request_bytes)
+        return lambda check: collect(requests, max_messages=cfg.max_request_messages,
+                                     max_bytes=cfg.max_request_bytes, check=check)
 
     @staticmethod
-    def _unary_request(request: Request) -> Callable[[], Awaitable[list]]:
-        async def receive() -> list:
+    def _unary_request(request: Request) -> Receive:
+        async def receive(check: Callable[[dict], None]) -> list:
             return [request]
 
         return receive
 
-    async def _streamed(self, what: str, context: P2PContext, receive: Callable[[], Awaitable[list]], body: Body, *,
+    async def _streamed(self, what: str, context: P2PContext, receive: Receive, body: Body, *,
                         leased: Callable[[dict], bool]) -> AsyncIterator[Response]:
-        """:meth:`_answer` as a streamed reply that the caller closes (see ``messages.linger``)."""
-        answer = await self._answer(what, context, receive, body, leased=leased)
-        async for message in linger(pack(Response, *answer)):
-            yield message
+        """:meth:`_answer` as a streamed reply that the caller closes (see ``messages.linger``). The caller counts
+        against ``max_concurrent_per_peer`` until its stream ends, lingering included."""
+        caller = context.remote_id.to_base58()
+        try:
+            self._admit(caller)
+        except StageError as e:  # refused before anything is read; a short linger, not counted
+            async for message in linger(pack(Response, self._error(what, e)), seconds=REFUSED_LINGER_SECONDS):
+                yield message
+            return
+        try:
+            answer = await self._answer(what, context, receive, body, leased=leased, admitted=True)
+            async for message in linger(pack(Response, *answer)):
+                yield message
+        finally:
+            self._release(caller)
 
     # ------------------------------------------------------------------ tensor RPCs (streamed)
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         """Run the stage. Without the lease only an inference call (no training mode, no gradients) is served."""
 
         async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
-            tensors = await self._run(_decoded, header, tensors)
+            tensors = await self._run(_decoded, header, tensors, self.config.max_request_bytes)
             outputs, layout = await self._run(
                 self.backend.forward, str(header["request_id"]), header["layout"], tensors,
                 training=bool(header["training"]), need_grad=bool(header["need_grad"]),
@@ -175,7 +195,7 @@ class ExpertServicer(ServicerBase):
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, grad_outputs: list, caller: str) -> tuple[dict, list]:
             grads = await self._run(self.backend.backward, str(header["request_id"]),
-                                    await self._run(_decoded, header, grad_outputs))
+                                    await self._run(_decoded, header, grad_outputs, self.config.max_request_bytes))
             return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
                             f"stage '{self.backend.name}' input gradient")
 
@@ -213,8 +233,12 @@ class ExpertServicer(ServicerBase):
     async def rpc_configure(self, request: Request, context: P2PContext) -> Response:
         def fn(header: dict, caller: str) -> None:
             qat = header.get("qat")
+            if qat is not None and not isinstance(qat, dict):
+                raise StageError(f"qat is None or {{'scheme', 'group_size'}}, got {qat!r}")
             if qat:
                 self.backend.prepare_qat(qat["scheme"], int(qat["group_size"]))
+            else:
+                self.backend.prepare_qat(None, 0)
             optimizers = header.get("optimizers")
             if not isinstance(optimizers, dict):
                 raise StageError("configure needs {index: optimizer spec}")
@@ -276,7 +300,11 @@ class ExpertServicer(ServicerBase):
             parsed = DiLoCoConfig(**config)
         except (TypeError, ValueError) as e:
             raise StageError(f"bad DiLoCo config: {e}") from None
-        self.diloco = self._make_sync(parsed, bool(header.get("solo", False)), caller).start()
+        try:
+            sync = self._make_sync(parsed, bool(header.get("solo", False)), caller)
+        except ValueError as e:  # an outer optimizer or its arguments that this expert does not allow
+            raise StageError(f"bad DiLoCo config: {e}") from None
+        self.diloco = sync.start()
         self._diloco_config = config
         return {"round": self.diloco.state.round}
 
@@ -297,9 +325,12 @@ class ExpertServicer(ServicerBase):
             if holder is not None and holder != caller:
                 return {"granted": False}, []
             if ttl > 0:
+                self._lease = (caller, time.monotonic() + min(float(ttl), self.config.max_lease_ttl))
                 if holder is None:
                     log.info("stage '%s' leased to trainer …%s", self.backend.name, caller[-8:])
-                self._lease = (caller, time.monotonic() + min(float(ttl), self.config.max_lease_ttl))
+                if caller != self._last_holder:  # queued before any call of the new holder can be
+                    self._last_holder = caller
+                    await self._run(self.backend.new_holder)
             else:
                 self._lease = (None, 0.0)
             return {"granted": ttl > 0, "ttl": min(float(ttl), self.config.max_lease_ttl),
@@ -326,13 +357,13 @@ def _always(header: dict) -> bool:
     return True
 
 
-def _decoded(header: dict, tensors: list) -> list:
+def _decoded(header: dict, tensors: list, max_bytes: int) -> list:
     """The request's tensors, decoded if the trainer sent them through a wire codec (the codec headers are checked
-    against the tensors before anything is allocated)."""
+    against the tensors, and their decoded size against ``max_bytes``, before anything is allocated)."""
     if "enc" not in header:
         return tensors
     try:
-        return decode_all(header["enc"], tensors)
+        return decode_all(header["enc"], tensors, max_bytes)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise StageError(f"could not decode the request's tensors ({type(e).__name__}: {e})") from None
 

@@ -82,6 +82,7 @@ def encode(tensor: torch.Tensor, codec: str, block_size: int = 64, where: str = 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MAX_BLOCK = 2**16
+MAX_DIMS = 16
 
 
 def _check(header: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[str, int, tuple[int, ...], torch.dtype]:
@@ -96,8 +97,9 @@ def _check(header: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[str, in
         return codec, 0, (), torch.float32
     dtype = _DTYPES.get(header.get("dtype"))
     shape = header.get("shape")
-    if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"codec {codec}: bad dtype or shape in {header}")
+    if dtype is None or not isinstance(shape, list) or len(shape) > MAX_DIMS \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape):
+        raise ValueError(f"codec {codec}: bad dtype or shape in {str(header)[:200]}")
     numel = math.prod(shape)
     if codec in ("fp16", "bf16"):
         wanted = torch.float16 if codec == "fp16" else torch.bfloat16
@@ -157,17 +159,24 @@ def encode_all(tensors: list[torch.Tensor], codec: str, block_size: int, where: 
     return headers, flat
 
 
-def decode_all(headers: Any, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of :func:`encode_all`; ValueError for headers that do not describe ``flat``."""
+def decode_all(headers: Any, flat: list[torch.Tensor], max_bytes: int = 2**40) -> list[torch.Tensor]:
+    """Inverse of :func:`encode_all`; ValueError for headers that do not describe ``flat``, or that decode to more
+    than ``max_bytes`` (checked for all of them before anything is decoded: int4 codes in float64 would otherwise
+    grow 16-fold)."""
     if not isinstance(headers, list) or not all(isinstance(h, dict) for h in headers):
         raise ValueError("codec headers must be a list of dicts")
-    out, i = [], 0
+    checked, i = [], 0
     for header in headers:
         n = header.get("n")
         if not isinstance(n, int) or not 1 <= n <= 2 or i + n > len(flat):
             raise ValueError(f"codec header names {n!r} tensors; the message has {len(flat) - i} left")
-        out.append(decode(header, flat[i:i + n]))
+        codec, _, shape, dtype = _check(header, flat[i:i + n])
+        size = flat[i].numel() * flat[i].element_size() if codec == "none" else math.prod(shape) * dtype.itemsize
+        checked.append((header, flat[i:i + n], size))
         i += n
     if i != len(flat):
         raise ValueError(f"message carries {len(flat)} tensors but its codec headers describe {i}")
-    return out
+    decoded_bytes = sum(size for _, _, size in checked)
+    if decoded_bytes > max_bytes:
+        raise ValueError(f"the message decodes to {decoded_bytes} bytes; at most {max_bytes} are accepted")
+    return [decode(header, tensors) for header, tensors, _ in checked]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any, AsyncIterator, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -133,29 +133,29 @@ class TooLarge(ValueError):
     """A call announced or sent more messages or bytes than the receiver accepts."""
 
 
-def _size(message: Message) -> int:
-    return len(message.metadata) + sum(len(part.buffer) for part in message.tensors)
-
-
-async def collect(stream: AsyncIterator[Message], *, max_messages: int = 2**20, max_bytes: int = 2**40
-                  ) -> list[Message]:
+async def collect(stream: AsyncIterator[Message], *, max_messages: int = 2**20, max_bytes: int = 2**40,
+                  check: Optional[Callable[[dict[str, Any]], None]] = None) -> list[Message]:
     """Read exactly the messages that the first one announces, then close ``stream`` (a caller closes its side once
     it has the whole answer; see :func:`linger`). Raises :class:`TooLarge` as soon as the announced count exceeds
-    ``max_messages`` or the bytes read exceed ``max_bytes``: nothing more is read."""
+    ``max_messages`` or the bytes read exceed ``max_bytes``: nothing more is read. ``check(header)`` runs on the
+    first message's header before anything else is read; whatever it raises ends the read the same way."""
     messages: list[Message] = []
     expected, received = 1, 0
     try:
         async for message in stream:
-            received += _size(message)
+            received += message.ByteSize()  # every field: empty parts cost memory too
             if received > max_bytes:
                 raise TooLarge(f"the call is larger than {max_bytes} bytes")
-            if not messages and message.metadata:
+            if not messages:
                 try:
-                    expected = int(MSGPackSerializer.loads(message.metadata).get("_n", 1))
+                    header = MSGPackSerializer.loads(message.metadata) if message.metadata else {}
+                    expected = int(header.get("_n", 1))
                 except Exception as e:  # noqa: BLE001 - whatever a stranger sent: a malformed header
                     raise TooLarge(f"the call's header cannot be read ({type(e).__name__})") from None
                 if not 1 <= expected <= max_messages:
                     raise TooLarge(f"the call announces {expected} messages; at most {max_messages} are accepted")
+                if check is not None:
+                    check(header)
             messages.append(message)
             if len(messages) >= expected:
                 break
@@ -175,16 +175,16 @@ LINGER_SECONDS = 60.0
 """How long the answering side keeps a stream open after its last message, waiting for the caller to close it."""
 
 
-async def linger(messages: Iterable[M]) -> AsyncIterator[M]:
+async def linger(messages: Iterable[M], seconds: float = LINGER_SECONDS) -> AsyncIterator[M]:
     """Yield ``messages`` as a streamed answer, then keep the stream open until the caller closes it (the handler is
-    cancelled then) or ``LINGER_SECONDS`` pass.
+    cancelled then) or ``seconds`` pass.
 
     Why: when the answering side closes a hivemind stream, its p2pd resets the libp2p stream right after the last
     data, and the caller's p2pd discards whatever it had received but not yet handed on (yamux drops buffered data on
     reset). Under load that lost whole answers. The caller closes first instead, once it has every message."""
     for message in messages:
         yield message
-    await asyncio.sleep(LINGER_SECONDS)
+    await asyncio.sleep(seconds)
 
 
 def state_to_tensor(state: Any) -> torch.Tensor:

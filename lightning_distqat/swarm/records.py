@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from torch import nn
 
@@ -115,13 +118,36 @@ class ExpirationCap(RecordValidatorBase):
         return isinstance(other, ExpirationCap)
 
 
+class OwnerSubkeyOnly(RecordValidatorBase):
+    """Under ``<experiment>_experts``, a subkey is exactly one ``[owner:...]`` marker and nothing else: one record per
+    key pair (``RSASignatureValidator`` alone would let an owner add any number of subkeys that contain its
+    marker)."""
+
+    _MARKER = re.compile(rb"\[owner:[^\]]+\]")
+
+    def __init__(self, experiment: str) -> None:
+        self._key = DHTID.generate(source=experts_key(experiment)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey) if record.subkey is not None else None
+        except Exception:  # noqa: BLE001 - whatever a stranger stored
+            return False
+        return isinstance(subkey, bytes) and self._MARKER.fullmatch(subkey) is not None
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, OwnerSubkeyOnly) and other._key == self._key
+
+
 def record_validators(experiment: Optional[str]) -> list[RecordValidatorBase]:
     """The validators a DHT node of ``experiment`` runs: signatures (hivemind's process-wide RSA key signs this
     process's records), the directory schema and the expiration cap. Without an experiment (a bare bootstrap node),
     only the expiration cap."""
     if experiment is None:
         return [ExpirationCap()]
-    return [ExpirationCap(), RSASignatureValidator(),
+    return [ExpirationCap(), OwnerSubkeyOnly(experiment), RSASignatureValidator(),
             SchemaValidator(_DirectorySchema, prefix=experiment, allow_extra_keys=True)]
 
 

@@ -1,0 +1,145 @@
+"""The robust aggregate of DiLoCo rounds (diloco/aggregate.py): pure math, no network."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_distqat.diloco.aggregate import Contribution, robust_aggregate
+
+
+def _c(peer: str, weight: float, vector: torch.Tensor) -> Contribution:
+    return Contribution(peer, weight, [vector[:3].reshape(3).clone(), vector[3:].reshape(-1, 1).clone()])
+
+
+def _vec(result) -> torch.Tensor:  # noqa: ANN001
+    return torch.cat([t.reshape(-1) for t in result.tensors]).double()
+
+
+def _honest(n: int = 3, dim: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=g, dtype=torch.float64)
+    return [base + 0.1 * torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _mean(points: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    w = torch.tensor(weights, dtype=torch.float64)
+    return (w[:, None] * torch.stack(points)).sum(0) / w.sum()
+
+
+def test_replicas_that_agree_average_exactly_and_identically():
+    points = _honest(3)
+    weights = [3.0, 1.0, 2.0]
+    contributions = [_c(f"p{i}", w, v) for i, (v, w) in enumerate(zip(points, weights))]
+    result = robust_aggregate(contributions, own="p0")
+    assert result.used == ["p0", "p1", "p2"] and not result.excluded
+    torch.testing.assert_close(_vec(result), _mean(points, weights), rtol=0, atol=1e-15)
+    again = robust_aggregate([_c(c.peer, c.weight, torch.cat([t.reshape(-1) for t in c.tensors]))
+                              for c in contributions], own="p2")
+    assert torch.equal(_vec(again), _vec(result)), "every replica must compute the same aggregate"
+
+
+def test_broken_contributions_are_left_out():
+    points = _honest(3)
+    honest_only = _mean(points[:2], [1.0, 1.0])
+    for bad_vector, bad_weight, why in [
+        (torch.full((8,), float("nan"), dtype=torch.float64), 1.0, "not finite"),
+        (torch.full((8,), -1e30, dtype=torch.float64), 1.0, "norm above"),
+        (points[2], 1e30, "weight"),
+        (points[2], float("inf"), "weight"),
+        (points[2], -1.0, "weight"),
+    ]:
+        result = robust_aggregate([_c("a", 1.0, points[0]), _c("b", 1.0, points[1]), _c("x", bad_weight, bad_vector)],
+                                  own="a")
+        assert result.used == ["a", "b"] and why in result.excluded["x"], (why, result.excluded)
+        torch.testing.assert_close(_vec(result), honest_only, rtol=1e-12, atol=0)
+
+
+def test_an_attacker_within_the_screening_limits_moves_the_result_at_most_the_clip_radius():
+    """Nine times the honest norm in the opposite direction, claiming 99 times the work (inside loose limits)."""
+    a, b = _honest(2, seed=1)
+    attacker = -9.0 * (a + b) / 2
+    contributions = [_c("a", 1.0, a), _c("b", 1.0, b), _c("x", 99.0, attacker)]
+    result = robust_aggregate(contributions, own="a", max_norm_ratio=10.0, max_weight_ratio=100.0, clip_factor=4.0)
+    assert result.used == ["a", "b", "x"]
+    honest = (a + b) / 2
+    plain = _mean([a, b, attacker], [1.0, 1.0, 99.0])
+    assert float((plain - honest).norm()) > 5 * float(honest.norm()), "the unclipped mean would be the attacker's"
+    bound = 5.0 * float((a - b).norm())  # distance to the box of the honest points plus clip_factor of it
+    assert float((_vec(result) - honest).norm()) <= bound
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=8, max_size=8),
+       st.floats(1e-6, 1e12), st.integers(0, 2**16), st.floats(0.01, 10.0))
+def test_one_bad_replica_of_three_stays_bounded_whatever_it_sends(bad, bad_weight, seed, spread):
+    """With two honest replicas a and b, the result lies within (1 + clip_factor) x |a - b| of their mean, whatever
+    finite vector and weight the third one claims (with the screening limits loosened to their maximum)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(8, generator=g, dtype=torch.float64)
+    a = base + spread * torch.randn(8, generator=g, dtype=torch.float64)
+    b = base + spread * torch.randn(8, generator=g, dtype=torch.float64)
+    x = torch.tensor(bad, dtype=torch.float64)
+    result = robust_aggregate([_c("a", 1.0, a), _c("b", 1.0, b), _c("x", bad_weight, x)], own="a",
+                              max_norm_ratio=1e300, max_weight_ratio=1e300, clip_factor=4.0)
+    honest = (a + b) / 2
+    assert float((_vec(result) - honest).norm()) <= 5.0 * float((a - b).norm()) * (1 + 1e-9) + 1e-9
+
+
+def test_a_pair_measures_the_other_by_its_own_contribution():
+    own, other = _honest(2, seed=2)
+    ok = robust_aggregate([_c("me", 2.0, own), _c("you", 1.0, other)], own="me")
+    torch.testing.assert_close(_vec(ok), _mean([own, other], [2.0, 1.0]), rtol=0, atol=1e-15)
+    large = robust_aggregate([_c("me", 1.0, own), _c("you", 1.0, 5.0 * own)], own="me")
+    assert large.used == ["me"] and "this replica's own norm" in large.excluded["you"]
+    heavy = robust_aggregate([_c("me", 1.0, own), _c("you", 101.0, other)], own="me")
+    assert heavy.used == ["me"] and "this replica's own weight" in heavy.excluded["you"]
+    torch.testing.assert_close(_vec(heavy), own, rtol=0, atol=0)
+
+
+def test_a_peers_outer_state_is_checked_and_keeps_our_hyperparameters():
+    from types import SimpleNamespace
+
+    from lightning_distqat.diloco.config import DiLoCoConfig
+    from lightning_distqat.diloco.outer import OuterState
+    from lightning_distqat.diloco.sync import DiLoCoSync
+
+    config = DiLoCoConfig(outer_lr=0.7, outer_momentum=0.9)
+    ours = OuterState([torch.ones(4), torch.ones(2, 2)], config)
+    theirs = OuterState([torch.ones(4) * 1.1, torch.ones(2, 2)], DiLoCoConfig(outer_lr=0.5, outer_momentum=0.5))
+    theirs.apply([torch.full((4,), 1e-3), torch.zeros(2, 2)])  # creates the momentum buffers, round 1
+    good = theirs.state_dict()
+    me = SimpleNamespace(state=ours, config=config)
+    DiLoCoSync._check_peer_state(me, good)
+    ours.load_state_dict(good)
+    assert ours.round == 1 and torch.equal(ours.outer[0].detach(), theirs.outer[0].detach())
+    assert ours.optimizer.param_groups[0]["lr"] == 0.7 and ours.optimizer.param_groups[0]["momentum"] == 0.9
+
+    def broken(**change):  # noqa: ANN003, ANN202
+        state = copy.deepcopy(theirs.state_dict())
+        for key, value in change.items():
+            if key == "momentum":
+                state["optimizer"]["state"][0]["momentum_buffer"] = value
+            else:
+                state[key] = value
+        return state
+
+    for state, why in [
+        (broken(round=-1), "round"), (broken(round=2**40), "round"), (broken(round=1.5), "round"),
+        (broken(outer=[torch.full((4,), float("nan")), torch.ones(2, 2)]), "not finite"),
+        (broken(outer=[torch.full((4,), 1e6), torch.ones(2, 2)]), "max_state_distance"),
+        (broken(momentum=torch.full((4,), float("inf"))), "not finite"),
+        (broken(momentum=torch.full((4,), 1e6)), "larger than"),
+        (broken(optimizer="x"), "optimizer state"),
+        (broken(outer=[torch.zeros(3), torch.ones(2, 2)]), "do not match"),
+        ("x", "not an outer state"),
+    ]:
+        try:
+            DiLoCoSync._check_peer_state(me, state)
+        except ValueError as e:
+            assert why in str(e), (why, e)
+        else:
+            raise AssertionError(f"a peer state with {why} was accepted")
