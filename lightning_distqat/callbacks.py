@@ -149,6 +149,29 @@ class DiLoCoInnerSteps(Callback):
         self._end_of_batch()
 
 
+class DiLoCoCheckpointState(Callback):
+    """Keeps the DiLoCo outer state (every stage's outer params, outer optimizer state and round, the trainer's own,
+    the inner-step count) in Lightning checkpoints, under this callback's state, and hands it back on restore so
+    that a resumed run continues its outer optimizer. The strategy adds it once; it stays after ``fit`` so that a
+    checkpoint saved then holds the final outer state."""
+
+    def __init__(self, strategy: Any) -> None:
+        self._strategy = strategy
+
+    @property
+    def state_key(self) -> str:
+        return "DistqatDiLoCo"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = self._strategy.diloco_state()
+        return {"diloco": state} if state is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._strategy.restore_diloco_state(state_dict.get("diloco"))
+
+
 class TrainingSummary(Callback):
     """Prints a closing summary of a fit: steps, samples, samples/s, first and final training loss, where logs went.
 

@@ -50,12 +50,33 @@ class SwarmConfig:
     expert_device: str = "cpu"
     """Device of the experts that the embedded swarm starts (``"cpu"`` or ``"cuda:0"``...)."""
 
+    spare_experts: int = 0
+    """Unleased experts per stage that the embedded swarm starts besides the ones its trainers use: replacements
+    ready when an expert dies (failover on one machine)."""
+
+    failover_timeout: float = 60.0
+    """Seconds a trainer waits for a replacement when the expert of a stage dies, stops answering or leaves; then
+    :class:`~lightning_distqat.swarm.client.PipelineUnavailableError` names the stage."""
+
+    mirror_every: int = 10
+    """Optimizer steps between two snapshots of every stage's state (module and optimizer state, pulled off the
+    training thread): a replacement expert starts from the newest one, so a stage whose expert dies loses at most
+    this many steps (none with 1, at the cost of pulling every stage's state every step). 0: a snapshot at the start
+    of training only."""
+
     access_token: Optional[str] = field(default=None, repr=False)
     """The experiment's shared secret: only peers that hold it can use its DHT and call its experts. ``None`` reads
     ``DISTQAT_ACCESS_TOKEN`` from the environment; unset there too, the experiment is open to anyone who finds it."""
 
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
+        for name in ("spare_experts", "mirror_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"SwarmConfig: {name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.failover_timeout, (int, float)) or not 0 <= self.failover_timeout < float("inf"):
+            raise ValueError(f"SwarmConfig: failover_timeout must be a number of seconds >= 0, got "
+                             f"{self.failover_timeout!r}")
 
 
 @dataclass(kw_only=True)
@@ -100,6 +121,11 @@ class ExpertConfig:
 
     max_lease_ttl: float = 300.0
     """Longest lease a trainer gets per claim (seconds); it renews before it runs out."""
+
+    leave_timeout: float = 30.0
+    """On SIGTERM the expert leaves gracefully: it takes no new work, answers what it has, gives its lease holder
+    its state (so the trainer switches to another expert without losing a step) and exits once the holder lets go,
+    or after this many seconds. A second SIGTERM, or SIGINT, stops it at once."""
 
     extra_optimizers: list[str] = field(default_factory=list)
     """Class paths of optimizers this expert builds besides ``torch.optim``'s (imported at start-up). A request

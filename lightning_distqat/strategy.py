@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_distqat.callbacks import CountRemoteStages, DiLoCoInnerSteps, SwarmMetrics
+from lightning_distqat.callbacks import CountRemoteStages, DiLoCoCheckpointState, DiLoCoInnerSteps, SwarmMetrics
 from lightning_distqat.config import QuantConfig, SwarmConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.plugins import ClipAcrossSwarm, mix_in
@@ -45,6 +45,14 @@ class DistqatStrategy(LocalRanksStrategy):
             (data-parallel DiLoCo for any LightningModule).
         quant: wire codecs for each stage's activations and gradients, the pseudo-gradient codec of DiLoCo, and
             torchao QAT on the experts.
+        spare_experts: unleased experts per stage in the embedded swarm, ready to replace one that dies
+            (``SwarmConfig.spare_experts``).
+        mirror_every: optimizer steps between snapshots of every stage's state, the state a replacement expert
+            starts from (``SwarmConfig.mirror_every``; 1 loses no step when an expert dies).
+
+    When the expert of a stage dies, stops answering or leaves, the trainer claims another expert of that stage,
+    brings it to the stage's state, replays the step in flight and goes on (``SwarmConfig.failover_timeout`` bounds
+    the wait). :meth:`current_experts` says which experts the pipeline uses.
 
     The swarm's series (``wire/*``, ``diloco/*``) reach the Trainer's loggers through a
     :class:`~lightning_distqat.callbacks.SwarmMetrics` callback, added unless the Trainer has one.
@@ -61,6 +69,8 @@ class DistqatStrategy(LocalRanksStrategy):
         swarm: Optional[SwarmConfig] = None,
         diloco: Optional[DiLoCoConfig] = None,
         quant: Optional[QuantConfig] = None,
+        spare_experts: Optional[int] = None,
+        mirror_every: Optional[int] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -74,6 +84,10 @@ class DistqatStrategy(LocalRanksStrategy):
         overrides: dict[str, Any] = {"experiment": experiment} if experiment is not None else {}
         if initial_peers is not None:
             overrides["initial_peers"] = list(initial_peers)
+        if spare_experts is not None:
+            overrides["spare_experts"] = spare_experts
+        if mirror_every is not None:
+            overrides["mirror_every"] = mirror_every
         self.swarm_config = replace(swarm or SwarmConfig(), **overrides)
         self.quant = quant or QuantConfig(enabled=False)
         codec, block = self.quant.for_stage("").wire_codec("pseudo_gradients")
@@ -88,6 +102,8 @@ class DistqatStrategy(LocalRanksStrategy):
         self._warned_batch_size = False
         self._wire_done = {"bytes_sent": 0, "bytes_received": 0}
         self._callbacks: list[Callback] = []
+        self._diloco_restore: Optional[dict[str, Any]] = None
+        self._diloco_final: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -112,6 +128,11 @@ class DistqatStrategy(LocalRanksStrategy):
     def pipeline(self) -> Optional[RemotePipeline]:
         """The experts this trainer holds, between setup and teardown (``None`` without stages)."""
         return self.membership.pipeline if self.membership is not None else None
+
+    def current_experts(self) -> dict[str, dict[str, Any]]:
+        """For each stage, the expert the pipeline uses now: ``{"peer_id": ..., "pid": ...}`` (``pid`` is None for
+        an expert this trainer did not start). Empty outside ``fit``."""
+        return self.membership.current_experts() if self.membership is not None else {}
 
     @property
     def swarm_active(self) -> bool:
@@ -142,6 +163,8 @@ class DistqatStrategy(LocalRanksStrategy):
             self._callbacks.append(SwarmMetrics())
         trainer.callbacks.insert(0, self._callbacks[0])
         trainer.callbacks.extend(self._callbacks[1:])
+        if self.diloco is not None and not any(isinstance(c, DiLoCoCheckpointState) for c in trainer.callbacks):
+            trainer.callbacks.append(DiLoCoCheckpointState(self))  # stays: a checkpoint after fit keeps the state
         for callback in trainer.callbacks:
             if isinstance(callback, ModelSummary):
                 mix_in(callback, CountRemoteStages)
@@ -161,11 +184,17 @@ class DistqatStrategy(LocalRanksStrategy):
     def on_train_start(self) -> None:
         """Join the DiLoCo averaging groups (after any checkpoint was restored, so the outer state starts from it)."""
         super().on_train_start()
+        self._start_rounds()
+        if self.pipeline is not None:  # the state a replacement starts from until the first mirror_every steps
+            self.pipeline.snapshot()
+
+    def _start_rounds(self) -> None:
         if self.diloco is None or self.membership is None:
             return
         assert self.lightning_module is not None
         local = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        start = self.membership.start_rounds(self.diloco, local)
+        restore, self._diloco_restore = self._diloco_restore, None
+        start = self.membership.start_rounds(self.diloco, local, restore)
         self.diloco_reports = self.membership.rounds.reports
         rank_zero_info(f"DistqatStrategy: DiLoCo on, an outer round every {self.diloco.inner_steps} inner steps "
                        f"(starting at round {start}{'; alone in this swarm' if self.membership.solo else ''})")
@@ -201,8 +230,13 @@ class DistqatStrategy(LocalRanksStrategy):
     def _end_of_batch(self) -> None:
         """A training batch ended: one inner step if its optimizers stepped (whatever their number)."""
         rounds = self.membership.rounds if self.membership is not None else None
+        pipeline = self.pipeline
+        if self._stepped and pipeline is not None:
+            pipeline.step_done()
         if self._stepped and rounds is not None:
             rounds.inner_step_done()
+        if self._stepped and pipeline is not None:
+            pipeline.snapshot_if_due()
         self._stepped = False
 
     def wire_bytes(self) -> dict[str, int]:
@@ -253,6 +287,16 @@ class DistqatStrategy(LocalRanksStrategy):
             return super().load_optimizer_state_dict(checkpoint)
         self.pipeline.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
 
+    def diloco_state(self) -> Optional[dict[str, Any]]:
+        """The DiLoCo outer state of this replica (see ``TrainerRounds.state_dict``): live during ``fit``, the final
+        one after it; None without DiLoCo."""
+        rounds = self.membership.rounds if self.membership is not None else None
+        return rounds.state_dict() if rounds is not None else self._diloco_final
+
+    def restore_diloco_state(self, state: Optional[dict[str, Any]]) -> None:
+        """A checkpoint's DiLoCo outer state, loaded when the rounds start (after the weights were restored)."""
+        self._diloco_restore = state
+
     # ------------------------------------------------------------------ teardown
     @override
     def teardown(self) -> None:
@@ -260,6 +304,11 @@ class DistqatStrategy(LocalRanksStrategy):
         groups back, then leave the swarm."""
         membership, pipeline, module = self.membership, self.pipeline, self.lightning_module
         try:
+            if membership is not None and membership.rounds is not None:
+                try:
+                    self._diloco_final = membership.rounds.state_dict(failover=False)
+                except Exception as e:  # noqa: BLE001 - an expert that cannot answer; the weights still come home
+                    rank_zero_warn(f"DistqatStrategy: could not keep the final DiLoCo outer state ({e})")
             if membership is not None:
                 membership.leave(bring_home=True)
         finally:

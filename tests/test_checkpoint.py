@@ -76,3 +76,30 @@ def _only(folder):
     files = sorted(folder.glob("*.ckpt"))
     assert len(files) == 1, files
     return files[0]
+
+
+def test_a_resumed_diloco_run_continues_its_outer_optimizer(tmp_path):
+    """DiLoCo (one pipeline, an outer round every 3 inner steps) checkpointed after 4 steps, mid-round: the
+    checkpoint holds every stage's outer params, outer momentum and round, and the inner-step count, so a resumed
+    run ends where an uninterrupted one does."""
+    from lightning_distqat import DiLoCoConfig
+    from tests.helpers import quiet_trainer
+
+    def strategy():
+        return DistqatStrategy(stages=STAGES, diloco=DiLoCoConfig(inner_steps=3))
+
+    callback = ModelCheckpoint(dirpath=tmp_path / "diloco", save_top_k=-1)
+    fit_params(ThreeStageNet, _loader, max_epochs=1, callbacks=[callback], enable_checkpointing=True,
+               strategy=strategy())
+    path = _only(tmp_path / "diloco")
+    saved = torch.load(path, weights_only=False)["callbacks"]["DistqatDiLoCo"]["diloco"]
+    assert saved["inner_steps"] == 4 and set(saved["stages"]) == set(STAGES)
+    assert all(part["round"] == 1 and part["optimizer"]["state"] for part in saved["stages"].values())
+
+    torch.manual_seed(123)
+    resumed = ThreeStageNet()
+    trainer = quiet_trainer(max_epochs=2, strategy=strategy())
+    trainer.fit(resumed, _loader(), ckpt_path=path)
+    assert [r["round"] for r in trainer.strategy.diloco_reports] == [2]  # at inner step 6, as without the pause
+    uninterrupted, _ = fit_params(ThreeStageNet, _loader, max_epochs=2, strategy=strategy())
+    assert max_rel_diff(resumed.state_dict(), uninterrupted.state_dict()) <= 1e-5

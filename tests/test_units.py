@@ -233,3 +233,44 @@ def test_a_directory_subkey_is_one_owner_marker_and_nothing_else():
     for bad in (local_owner_key() + b"-2", b"x" + local_owner_key(), local_owner_key() * 2, b"plain", "str", None):
         assert not validator.validate(record(bad)), bad
     assert validator.validate(record(b"anything", on=other)), "other keys are not this validator's business"
+
+
+def _records(*specs):  # (peer, stage, leased)
+    return [ExpertRecord(peer_id=p, stage=s, fingerprint="f", version=0, throughput=0.0, leased=leased)
+            for p, s, leased in specs]
+
+
+def test_a_new_expert_takes_the_stage_with_the_fewest_experts():
+    from lightning_distqat.expert.placement import initial_stage
+
+    stages = ["a", "b", "c"]
+    assert initial_stage(stages, _records(("p1", "a", False), ("p2", "b", False)), "me") == "c"
+    assert initial_stage(stages, _records(("p1", "a", False), ("p2", "b", True), ("p3", "c", False),
+                                          ("p4", "c", False)), "me") in ("a", "b")
+    spread = {initial_stage(stages, [], f"peer{i}") for i in range(30)}
+    assert spread == set(stages), "servers starting together must not all pick one stage"
+
+
+def test_exactly_one_expert_moves_to_a_gap_and_only_from_a_stage_that_can_spare_it():
+    from lightning_distqat.expert.placement import planned_move
+
+    stages = ["a", "b", "c"]
+    directory = _records(("p1", "a", False), ("p2", "a", False), ("p3", "a", True), ("p4", "b", False))
+    movers = [r.peer_id for r in directory if planned_move(stages, directory, r.peer_id) == "c"]
+    assert len(movers) == 1 and movers[0] in ("p1", "p2"), movers  # never the leased one, never b's only one
+    balanced = _records(("p1", "a", False), ("p2", "b", False), ("p3", "c", False), ("p4", "a", False))
+    assert all(planned_move(stages, balanced, r.peer_id) is None for r in balanced)  # 2-1-1: nothing to gain
+    stuck = _records(("p1", "a", True), ("p2", "a", True), ("p3", "b", False))  # only leased experts could move
+    assert all(planned_move(stages, stuck, r.peer_id) is None for r in stuck)
+
+
+def test_a_move_needs_a_lasting_gap_and_a_moved_expert_stays():
+    from lightning_distqat.expert.placement import MovePolicy
+
+    policy = MovePolicy(patience=3, min_stay=60.0)
+    assert [policy.check("c", t) for t in (0, 1)] == [None, None]
+    assert policy.check(None, 2) is None and policy.check("c", 3) is None  # the gap closed: counting starts again
+    assert policy.check("c", 4) is None and policy.check("c", 5) == "c"
+    policy.moved(5)
+    assert [policy.check("a", t) for t in (6, 7, 8, 9)] == [None, None, None, None]  # it stays a while
+    assert policy.check("a", 70) == "a"

@@ -73,9 +73,11 @@ class OuterState:
                 "optimizer": self.optimizer.state_dict()}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Adopt another replica's outer state (params, optimizer state, round) and reset local params to it. The
-        hyperparameters of the outer optimizer stay this replica's own (its config says what they are)."""
+    def load_state_dict(self, state: dict[str, Any], *, reset_local: bool = True) -> None:
+        """Adopt an outer state (params, optimizer state, round): another replica's, a snapshot's or a checkpoint's.
+        With ``reset_local`` the local params are reset to it (a peer's state); without, they keep what they hold (a
+        checkpoint or snapshot restored them, with the inner progress since the round). The hyperparameters of the
+        outer optimizer stay this replica's own (its config says what they are)."""
         if len(state["outer"]) != len(self.outer) or any(
             a.shape != b.shape for a, b in zip(state["outer"], self.outer)
         ):
@@ -87,4 +89,5 @@ class OuterState:
         for o, saved in zip(self.outer, state["outer"]):
             o.copy_(saved)
         self.round = int(state["round"])
-        self.copy_to_local()
+        if reset_local:
+            self.copy_to_local()

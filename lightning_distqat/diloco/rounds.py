@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -35,11 +35,14 @@ class TrainerRounds:
         experiment: str,
         solo: bool,
         request_timeout: float,
+        call: Optional[Callable[[str, Callable[[ExpertHandle], Any]], Any]] = None,
     ) -> None:
         """``handles``: the pipeline's experts by stage, a live mapping (an expert replaced mid-run takes part in
-        the next round)."""
+        the next round, after :meth:`join`). ``call(stage, fn)``: runs ``fn`` on the stage's expert with failover
+        (the pipeline's); None calls ``handles`` directly."""
         self.config = config
         self.handles = handles
+        self._call = call or (lambda stage, fn: fn(self.handles[stage]))
         self.solo = solo
         self._pool: Optional[ThreadPoolExecutor] = (
             ThreadPoolExecutor(len(handles), thread_name_prefix="distqat-rounds") if handles else None
@@ -54,14 +57,38 @@ class TrainerRounds:
         self.samples_since_round = 0.0
         self.reports: list[dict[str, Any]] = []
 
-    def start(self) -> int:
-        """Join every averaging group (loading a peer's outer state where one exists); returns the current round."""
-        config = asdict(self.config)
-        rounds = [h.diloco("start", timeout=self._timeout, config=config, solo=self.solo)["round"]
-                  for h in self.handles.values()]
+    def start(self, restore: Optional[Mapping[str, Any]] = None) -> int:
+        """Join every averaging group (loading a peer's outer state where one exists; with ``restore``, what
+        :meth:`state_dict` returned, e.g. from a checkpoint, first, and a peer's only if it is newer); returns the
+        current round."""
+        if restore:
+            for stage, part in (restore.get("stages") or {}).items():
+                if stage in self.handles and part is not None:
+                    self._call(stage, lambda h, part=part: h.set_state({"diloco": part}))
+            if self._sync is not None and restore.get("local") is not None:
+                self._sync.state.load_state_dict(restore["local"], reset_local=False)
+            self.inner_steps = int(restore.get("inner_steps", 0))
+            self.samples_since_round = float(restore.get("samples_since_round", 0.0))
+        rounds = [self._call(stage, self.join)["round"] for stage in self.handles]
         if self._sync is not None:
-            rounds.append(self._sync.start().state.round)
+            newer_only = bool(restore) and restore.get("local") is not None
+            rounds.append(self._sync.start(newer_only=newer_only).state.round)
         return max(rounds, default=0)
+
+    def state_dict(self, *, failover: bool = True) -> dict[str, Any]:
+        """The outer state of every part of this replica (each stage's, pulled from its expert, and the trainer's
+        own) and the inner-step count: what a checkpoint keeps so that a resumed run continues its outer optimizer.
+        Without ``failover`` a dead expert's error is raised instead of waiting for a replacement (teardown)."""
+        call = self._call if failover else (lambda stage, fn: fn(self.handles[stage]))
+        stages = {stage: call(stage, lambda h: h.get_state(["diloco"])).get("diloco") for stage in self.handles}
+        return {"inner_steps": self.inner_steps, "samples_since_round": self.samples_since_round, "stages": stages,
+                "local": self._sync.state.state_dict() if self._sync is not None else None}
+
+    def join(self, stage_or_handle: Any, handle: Optional[ExpertHandle] = None) -> dict[str, Any]:
+        """Start DiLoCo on an expert (``join(handle)`` or, as a pipeline hook, ``join(stage, handle)``): it joins
+        its stage's averaging group and loads the outer state of a live replica if there is one."""
+        handle = handle if handle is not None else stage_or_handle
+        return handle.diloco("start", timeout=self._timeout, config=asdict(self.config), solo=self.solo)
 
     def inner_step_done(self) -> Optional[dict[str, Any]]:
         """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
@@ -76,8 +103,9 @@ class TrainerRounds:
         pending = []
         if self.handles:  # all stages at once, so the pipeline syncs at one inner step
             assert self._pool is not None
-            pending = [self._pool.submit(h.diloco, "round", self._timeout, samples=samples)
-                       for h in self.handles.values()]
+            pending = [self._pool.submit(self._call, stage,
+                                         lambda h: h.diloco("round", self._timeout, samples=samples))
+                       for stage in self.handles]
         per_group: dict[str, dict[str, Any]] = {}
         if self._sync is not None:  # this trainer's own parameters, while the experts run their rounds
             per_group[self._group] = {**asdict(self._sync.round(samples)), "checksum": self._sync.state.checksum()}

@@ -246,8 +246,9 @@ class DiLoCoSync:
         self._compression = pseudo_gradient_compression(config.pseudo_gradient_codec, config.codec_block_size)
         self.reports: list[RoundReport] = []
 
-    def start(self) -> "DiLoCoSync":
-        """Join the averaging group (unless solo) and adopt a peer's outer state if one exists."""
+    def start(self, *, newer_only: bool = False) -> "DiLoCoSync":
+        """Join the averaging group (unless solo) and adopt a peer's outer state if one exists (with
+        ``newer_only``: only one of a later round than this replica's own, e.g. after it loaded a checkpoint)."""
         self._started = True
         if self.solo:
             return self
@@ -270,7 +271,7 @@ class DiLoCoSync:
         except BaseException:
             self.shutdown()
             raise
-        self._load_from_peers(newer_only=False)
+        self._load_from_peers(newer_only=newer_only)
         return self
 
     def shutdown(self) -> None:

@@ -62,6 +62,29 @@ class ExpertServer:
             except RuntimeError:  # the loop has closed: the server has stopped already
                 pass
 
+    def leave(self) -> None:
+        """Leave gracefully (SIGTERM; on the event loop): no new work, the lease holder may still take the stage's
+        state and let go; stop once it has, or after ``leave_timeout``. Called again: stop at once."""
+        assert self._loop is not None and self._stop is not None
+        if self.servicer is None or self.servicer.lease_holder is None or self.servicer.leaving:
+            self._stop.set()
+            return
+        self.servicer.leaving = True
+        log.info("expert for stage '%s' is leaving: it takes no new work and waits up to %.0f s for its trainer to "
+                 "take its state", self.config.stage, self.config.leave_timeout)
+        self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self._loop is not None and self._stop is not None and self.servicer is not None
+        deadline = self._loop.time() + self.config.leave_timeout
+        while self.servicer.lease_holder is not None and self._loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.servicer.lease_holder is not None:
+            log.warning("expert for stage '%s': its trainer did not take its state within %.0f s; leaving anyway",
+                        self.config.stage, self.config.leave_timeout)
+        await asyncio.sleep(0.5)  # answers on their way reach their callers
+        self._stop.set()
+
     def _fail(self, error: BaseException) -> None:
         """A request broke the stage beyond one answer (``SystemExit`` or ``KeyboardInterrupt`` inside it): stop
         announcing and serving; ``run()`` then raises."""
@@ -114,8 +137,8 @@ class ExpertServer:
         if self._stop_requested.is_set():
             return
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._loop.add_signal_handler(sig, self._stop.set)
+            self._loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            self._loop.add_signal_handler(signal.SIGTERM, self.leave)
         p2p = await dht.replicate_p2p()
         await self.servicer.add_p2p_handlers(p2p)
         try:
@@ -142,7 +165,7 @@ class ExpertServer:
             fingerprint=self.servicer.backend.fingerprint,
             version=self.servicer.diloco.state.round if self.servicer.diloco is not None else 0,
             throughput=float(self.servicer.backend.throughput),
-            leased=self.servicer.lease_holder is not None,
+            leased=self.servicer.lease_holder is not None or self.servicer.leaving,  # nobody claims a leaver
         )
 
     def _announce(self, dht: Any) -> None:

@@ -35,6 +35,10 @@ __all__ = ["ExpertServicer"]
 log = logging.getLogger(__name__)
 Request, Response = runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse
 Body = Callable[[dict, list, str], Awaitable[tuple[dict, list]]]
+class Leaving(StageError):
+    """The expert is leaving (SIGTERM) and takes no new work."""
+
+
 REFUSED_LINGER_SECONDS = 5.0
 """How long a refused caller's stream stays open for it to read the refusal (it does not count as in flight)."""
 Receive = Callable[[Callable[[dict], None]], Awaitable[list]]
@@ -63,6 +67,9 @@ class ExpertServicer(ServicerBase):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
         self._lease: tuple[Optional[str], float] = (None, 0.0)
         self._last_holder: Optional[str] = None
+        self.leaving = False
+        self._pending_outer: Optional[dict[str, Any]] = None
+        """Set on SIGTERM: only ``info``, the lease holder's ``get_state`` and its release are served."""
         self._in_flight: dict[str, int] = {}
         self.requests_served = 0
         self.requests_failed = 0
@@ -90,7 +97,10 @@ class ExpertServicer(ServicerBase):
         else:
             cause = f"{type(e).__name__}: {e}"
             log.warning("stage '%s' %s failed:\n%s", self.backend.name, what, traceback.format_exc())
-        return {"error": f"{cause} (stage '{self.backend.name}', expert …{self.peer_id[-8:]})"}
+        reply: dict[str, Any] = {"error": f"{cause} (stage '{self.backend.name}', expert …{self.peer_id[-8:]})"}
+        if isinstance(e, Leaving):
+            reply["leaving"] = True
+        return reply
 
     def _admit(self, caller: str) -> None:
         if self._in_flight.get(caller, 0) >= self.config.max_concurrent_per_peer:
@@ -105,9 +115,12 @@ class ExpertServicer(ServicerBase):
         else:
             del self._in_flight[caller]
 
-    def _authorize(self, header: dict[str, Any], caller: str, leased: bool) -> None:
+    def _authorize(self, header: dict[str, Any], caller: str, leased: bool, what: str = "") -> None:
         if self.access is not None and not self.access.check(header.get("proof"), caller, self.peer_id):
             raise StageError(ACCESS_DENIED)
+        if self.leaving and not (what in ("get_state", "info") or (what == "claim" and header.get("ttl") == 0)):
+            raise Leaving("this expert is leaving (SIGTERM): it takes no new work; its lease holder may still take "
+                          "its state (get_state) and release it")
         if leased and self.lease_holder != caller:
             raise StageError("this call needs the expert's lease, which the caller does not hold (claim a free "
                              "expert first)")
@@ -125,7 +138,7 @@ class ExpertServicer(ServicerBase):
             except StageError as e:
                 return self._error(what, e), []
         try:
-            check = lambda header: self._authorize(header, caller, leased(header))  # noqa: E731
+            check = lambda header: self._authorize(header, caller, leased(header), what)  # noqa: E731
             messages = await receive(check)
             header, tensors = await asyncio.get_running_loop().run_in_executor(None, unpack, messages)
             if header is None:
@@ -203,9 +216,42 @@ class ExpertServicer(ServicerBase):
                                             leased=_always):
             yield message
 
+    def _get_state(self, parts: Any) -> dict[str, Any]:
+        """The stage's state: ``module`` and ``optimizers`` (the backend's), and ``diloco`` (its outer state) while
+        DiLoCo runs; ``parts`` (a list of those names) picks some."""
+        if parts is not None and (not isinstance(parts, list) or not set(parts) <= {"module", "optimizers", "diloco"}):
+            raise StageError(f"get_state parts are among module, optimizers, diloco; got {parts!r}")
+        state = self.backend.get_state() if parts is None or {"module", "optimizers"} & set(parts) else {}
+        if parts is not None:
+            state = {k: v for k, v in state.items() if k in parts}
+        if self.diloco is not None and (parts is None or "diloco" in parts):
+            state["diloco"] = self.diloco.state.state_dict()
+        return state
+
+    def _set_state(self, state: Any) -> None:
+        """Load (part of) what :meth:`_get_state` returns. An outer state (``diloco``) keeps the local params as the
+        module part left them; before DiLoCo starts it waits for ``start``."""
+        if not isinstance(state, dict):
+            raise StageError(f"a state is a dict, got {type(state).__name__}")
+        outer = state.get("diloco")
+        if outer is not None and not (isinstance(outer, dict) and isinstance(outer.get("outer"), list)
+                                      and isinstance(outer.get("round"), int) and isinstance(outer.get("optimizer"),
+                                                                                              dict)):
+            raise StageError("the diloco part of a state is {'outer': [tensors], 'optimizer': {...}, 'round': int}")
+        self.backend.set_state({k: v for k, v in state.items() if k != "diloco"})
+        if outer is None:
+            return
+        if self.diloco is None:
+            self._pending_outer = outer
+            return
+        try:
+            self.diloco.state.load_state_dict(outer, reset_local=False)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise StageError(f"the outer state does not fit stage '{self.backend.name}' ({e})") from None
+
     async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
-            return {}, [state_to_tensor(await self._run(self.backend.get_state))]
+            return {}, [state_to_tensor(await self._run(self._get_state, header.get("parts")))]
 
         async for message in self._streamed("get_state", context, self._unary_request(request), body, leased=_always):
             yield message
@@ -214,7 +260,7 @@ class ExpertServicer(ServicerBase):
         async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
             if len(tensors) != 1:
                 raise StageError(f"set_state expects one serialized state, got {len(tensors)} tensors")
-            await self._run(lambda: self.backend.set_state(tensor_to_state(tensors[0])))
+            await self._run(lambda: self._set_state(tensor_to_state(tensors[0])))
             return {}, []
 
         async for message in self._streamed("set_state", context, self._streamed_request(requests), body,
@@ -304,7 +350,13 @@ class ExpertServicer(ServicerBase):
             sync = self._make_sync(parsed, bool(header.get("solo", False)), caller)
         except ValueError as e:  # an outer optimizer or its arguments that this expert does not allow
             raise StageError(f"bad DiLoCo config: {e}") from None
-        self.diloco = sync.start()
+        pending, self._pending_outer = self._pending_outer, None
+        if pending is not None:  # a checkpoint's or snapshot's outer state came first: a peer's must be newer
+            try:
+                sync.state.load_state_dict(pending, reset_local=False)
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise StageError(f"the outer state does not fit stage '{self.backend.name}' ({e})") from None
+        self.diloco = sync.start(newer_only=pending is not None)
         self._diloco_config = config
         return {"round": self.diloco.state.round}
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 import torchvision
+
+from lightning_distqat.models.common import Classifier
 
 __all__ = ["ResNetClassifier"]
 
 
-class ResNetClassifier(pl.LightningModule):
+class ResNetClassifier(Classifier):
     """``torchvision.models.<arch>(weights=None)`` trained with SGD (momentum, cosine LR)."""
 
     STAGES = ["net.layer1", "net.layer2", "net.layer3", "net.layer4"]
@@ -26,20 +26,6 @@ class ResNetClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=True)
-        self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4)

@@ -38,6 +38,8 @@ class SwarmClient:
         self.p2p = None
         self.runner: Optional[AsyncRunner] = None
         self.held: dict[str, ExpertHandle] = {}
+        self.gone: set[str] = set()
+        """Peer ids of experts this trainer saw die or leave: never claimed again."""
         self._renew_stop = threading.Event()
         self._renewer: Optional[threading.Thread] = None
 
@@ -118,7 +120,7 @@ class SwarmClient:
             for stage, fingerprint in fingerprints.items():
                 if stage in self.held:
                     continue
-                seen[stage] = self.directory(stage)
+                seen[stage] = [r for r in self.directory(stage) if r.peer_id not in self.gone]
                 for record in rank_candidates(seen[stage], fingerprint):
                     handle = self._try_claim(stage, fingerprint, record)
                     if handle is not None:
@@ -132,6 +134,38 @@ class SwarmClient:
             poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         self._start_renewal()
         return dict(self.held)
+
+    def replace_expert(self, stage: str, fingerprint: str, gone: ExpertHandle, timeout: float,
+                       cause: str = "gone") -> ExpertHandle:
+        """Claim another free expert of ``stage`` with ``fingerprint`` in place of ``gone`` (which is never claimed
+        again), waiting up to ``timeout`` seconds for one to appear. Raises :class:`PipelineUnavailableError` naming
+        the stage when none comes."""
+        self.gone.add(gone.peer_id)
+        if self.held.get(stage) is gone:
+            del self.held[stage]
+        self._release(gone, timeout=2)  # a leaving expert waits for its holder to let go
+        log.warning("stage '%s': expert …%s %s, waiting up to %.0f s for a replacement", stage, gone.peer_id[-8:],
+                    cause, timeout)
+        deadline = time.monotonic() + timeout
+        poll = threading.Event()
+        records: list[ExpertRecord] = []
+        while True:
+            records = [r for r in self.directory(stage) if r.peer_id not in self.gone]
+            for record in rank_candidates(records, fingerprint):
+                if record.leased:
+                    break  # ranked after every free one: nothing left to try this time
+                handle = self._try_claim(stage, fingerprint, record)
+                if handle is not None:
+                    self.held[stage] = handle
+                    return handle
+            if time.monotonic() >= deadline:
+                free = sum(1 for r in records if r.fingerprint == fingerprint and not r.leased)
+                raise PipelineUnavailableError(
+                    f"stage '{stage}': expert …{gone.peer_id[-8:]} is {cause} and no free expert with fingerprint "
+                    f"{fingerprint} could be claimed within failover_timeout={timeout:.0f}s ({len(records)} others "
+                    f"announced, {free} of them free). Start more experts for this stage (distqat-expert), or "
+                    "spare_experts=k for an embedded swarm.")
+            poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _try_claim(self, stage: str, fingerprint: str, record: ExpertRecord) -> Optional[ExpertHandle]:
         try:
@@ -185,9 +219,9 @@ class SwarmClient:
                     log.warning("could not renew the lease on %s: %s", handle, e)
 
     @staticmethod
-    def _release(handle: ExpertHandle) -> None:
+    def _release(handle: ExpertHandle, timeout: float = 5) -> None:
         try:
-            handle.release(timeout=5)
+            handle.release(timeout=timeout)
         except ExpertError:
             pass  # a dead expert's lease expires on its own
 

@@ -89,6 +89,11 @@ class EmbeddedSwarm:
         """Process ids of the experts, in stage order (replicas of a stage next to each other)."""
         return [e.process.pid for e in self._experts]
 
+    @property
+    def pid_by_peer(self) -> dict[str, int]:
+        """Process id of every expert that serves, by its peer id."""
+        return {e.info["peer_id"]: e.process.pid for e in self._experts if e.info and "peer_id" in e.info}
+
     # ------------------------------------------------------------------ start
     def launch(self) -> None:
         """Start one interpreter per stage and replica; they import what an expert needs and wait for their stage."""

@@ -82,7 +82,7 @@ class SwarmMembership:
                     peers = self._from_rank0("peers")
             if self.originals and not self.joined_swarm and self.rank == 0:
                 self.embedded = EmbeddedSwarm(
-                    self.originals, replicas=self.world_size, startup_timeout=cfg.startup_timeout,
+                    self.originals, replicas=self.world_size + cfg.spare_experts, startup_timeout=cfg.startup_timeout,
                     expert_config=ExpertConfig(experiment=cfg.experiment, host_maddrs=cfg.host_maddrs,
                                                device=cfg.expert_device, access_token=cfg.access_token),
                 )
@@ -106,7 +106,13 @@ class SwarmMembership:
                 fingerprints = {name: stage_fingerprint(m) for name, m in self.originals.items()}
                 handles = self.client.claim_pipeline(fingerprints)
                 stack.callback(self.client.release_all)
-                self.pipeline = RemotePipeline(self.originals, handles, quant=self.quant)
+                client = self.client
+
+                def replacer(stage: str, gone: Any, cause: str) -> Any:
+                    return client.replace_expert(stage, fingerprints[stage], gone, cfg.failover_timeout, cause)
+
+                self.pipeline = RemotePipeline(self.originals, handles, quant=self.quant, replacer=replacer,
+                                               mirror_every=cfg.mirror_every)
                 stack.callback(self.pipeline.close)
                 if self.joined_swarm:  # its experts have weights of their own
                     self.pipeline.seed()
@@ -121,7 +127,9 @@ class SwarmMembership:
         if self.embedded is not None:
             split = self.embedded.startup_split()
             phases = ", ".join(f"{phase} {split[phase]:.1f}s" for phase in STARTUP_PHASES)
-            per_stage = f" ({self.world_size} per stage)" if self.world_size > 1 else ""
+            spares = self.config.spare_experts
+            per_stage = (f" ({self.world_size + spares} per stage{f', {spares} spare' if spares else ''})"
+                         if self.world_size + spares > 1 else "")
             lines.append(f"embedded swarm up in {self.timings['dht'] + self.timings['experts']:.1f}s, "
                          f"{len(self.embedded.pids)} experts serve {list(self.originals)}{per_stage}; slowest "
                          f"expert: {phases}")
@@ -129,10 +137,11 @@ class SwarmMembership:
             lines.append(f"pipeline {self.pipeline.describe()}")
         return lines
 
-    def start_rounds(self, diloco: DiLoCoConfig, local_params: Sequence[torch.Tensor]) -> int:
+    def start_rounds(self, diloco: DiLoCoConfig, local_params: Sequence[torch.Tensor],
+                     restore: Optional[dict[str, Any]] = None) -> int:
         """Join the DiLoCo averaging groups: every expert of the pipeline its stage's, the trainer's own parameters
-        theirs. With ranks, all of them meet afterwards, so that the first round finds every replica. Returns the
-        round the replicas are at."""
+        theirs (``restore``: a checkpoint's outer state, loaded first). With ranks, all of them meet afterwards, so
+        that the first round finds every replica. Returns the round the replicas are at."""
         from lightning_distqat.diloco.rounds import TrainerRounds
 
         assert self.client is not None, "join() first"
@@ -141,15 +150,26 @@ class SwarmMembership:
             diloco, handles=self.pipeline.handles if self.pipeline is not None else {},
             local_params=local_params, dht=self.client.dht, experiment=cfg.experiment,
             solo=self.solo, request_timeout=cfg.request_timeout,
+            call=self.pipeline.call if self.pipeline is not None else None,
         )
+        if self.pipeline is not None:  # a replacement joins its stage's averaging group before it replays
+            self.pipeline.on_replaced.append(self.rounds.join)
         self._stack.callback(self.rounds.finish, keep_outer=False)  # idempotent: stops averaging on any exit
-        start = self.rounds.start()
+        start = self.rounds.start(restore)
         if self.rendezvous is not None:
             late = self.rendezvous.barrier("started", cfg.startup_timeout)
             if late:
                 log.warning("DistqatStrategy: ranks %s did not reach training within %.0fs; going on without "
                             "waiting for them", late, cfg.startup_timeout)
         return start
+
+    def current_experts(self) -> dict[str, dict[str, Any]]:
+        """For each stage, the expert the pipeline uses now: its peer id, and its process id if this trainer
+        started it (None otherwise)."""
+        if self.pipeline is None:
+            return {}
+        pids = self.embedded.pid_by_peer if self.embedded is not None else {}
+        return {stage: {"peer_id": h.peer_id, "pid": pids.get(h.peer_id)} for stage, h in self.pipeline.handles.items()}
 
     @property
     def solo(self) -> bool:

@@ -1,13 +1,23 @@
 """The pipeline a trainer holds: one expert per stage, and everything that maps the user's module and optimizers onto
 those experts (the original submodules, the optimizer split, state pull and push, the checkpoint layout, remote grad
 norms, wire bytes). The strategy calls it from Lightning's hooks; nothing here imports Lightning.
+
+Failover: every call to an expert goes through :meth:`RemotePipeline.call`. When the expert of a stage dies, stops
+answering or leaves, :meth:`RemotePipeline.recover` claims another one of that stage (through ``replacer``), brings it
+to the stage's state (the leaving expert's own state, else the newest snapshot, taken every ``mirror_every`` steps
+off the training thread), replays the calls of the step in flight from the journal (forwards with their inputs,
+backwards with their output gradients, under the same request ids) and retries the call that failed. With a
+snapshot of the last step, the new expert ends the step exactly where the dead one would have.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
@@ -16,12 +26,31 @@ from torch.optim import Optimizer
 
 from lightning_distqat.config import QuantConfig
 from lightning_distqat.swarm.optimizers import OptimizerSplit
-from lightning_distqat.swarm.remote import ExpertError, ExpertHandle, RemoteStage
+from lightning_distqat.swarm.remote import (ExpertError, ExpertHandle, ExpertLeavingError, ExpertUnavailableError,
+                                            RemoteStage)
 
 __all__ = ["RemotePipeline", "human_count"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+Replacer = Callable[[str, ExpertHandle, str], ExpertHandle]
+"""``replacer(stage, gone, cause)``: claim another expert of ``stage`` in place of ``gone`` (or raise)."""
+
+MAX_FAILOVERS_PER_CALL = 3
+"""Experts one call may go through (each dying in turn) before its error reaches the user."""
+
+
+@dataclass
+class _Call:
+    """A forward of the step in flight, kept so that a replacement expert can replay it."""
+
+    request_id: str
+    layout: dict[str, Any]
+    inputs: list[torch.Tensor]
+    training: bool
+    grads: Optional[list[torch.Tensor]] = None
+    """The output gradients of its backward, once that ran."""
 
 
 def human_count(n: int) -> str:
@@ -40,14 +69,32 @@ class RemotePipeline:
     """
 
     def __init__(self, originals: Mapping[str, nn.Module], handles: Mapping[str, ExpertHandle], *,
-                 quant: Optional[QuantConfig] = None) -> None:
+                 quant: Optional[QuantConfig] = None, replacer: Optional[Replacer] = None,
+                 mirror_every: int = 0) -> None:
+        """``replacer``: how to claim a replacement for an expert that is gone (``None``: no failover, the error
+        reaches the user). ``mirror_every``: snapshot every stage's state every that many optimizer steps (0: only
+        at the start of training)."""
         self.originals = dict(originals)
         self.handles: dict[str, ExpertHandle] = {}
         self.quant = quant or QuantConfig(enabled=False)
         self.splits: dict[int, OptimizerSplit] = {}
         """The user's optimizers, split into their local part and one part per stage (by ``id(optimizer)``)."""
+        self.replacer = replacer
+        self.mirror_every = mirror_every
+        self.on_replaced: list[Callable[[str, ExpertHandle], None]] = []
+        """Called with (stage, new handle) after a replacement got the stage's state, before the journal replays
+        (DiLoCo joins the stage's averaging group there)."""
+        self.failovers: list[dict[str, Any]] = []
+        """One entry per replaced expert: stage, old and new peer id, cause, state source, seconds it took."""
+        self._specs: dict[str, dict[int, dict[str, Any]]] = {}
+        self._journal: dict[str, list[_Call]] = {stage: [] for stage in originals}
+        self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._snapshot_futures: list[Future] = []
+        self._steps = 0
+        self._recovering = threading.Lock()
         self._retired = {"bytes_sent": 0, "bytes_received": 0}
         self._pool = ThreadPoolExecutor(max(1, len(originals)), thread_name_prefix="distqat-fanout")
+        self._mirror = ThreadPoolExecutor(max(1, len(originals)), thread_name_prefix="distqat-snapshot")
         for stage, handle in handles.items():
             self._adopt(stage, handle)
 
@@ -72,13 +119,145 @@ class RemotePipeline:
 
     def close(self) -> None:
         """Stop the threads that fan calls out to the experts (the experts themselves belong to others)."""
+        self._mirror.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ failover
+    def call(self, stage: str, fn: Callable[[ExpertHandle], T]) -> T:
+        """``fn`` on the expert of ``stage``; if that expert is gone, on its replacement (see :meth:`recover`)."""
+        for attempt in range(MAX_FAILOVERS_PER_CALL + 1):
+            handle = self.handles[stage]
+            try:
+                return fn(handle)
+            except ExpertUnavailableError as e:
+                if self.replacer is None or attempt == MAX_FAILOVERS_PER_CALL:
+                    raise
+                self.recover(stage, handle, e)
+        raise AssertionError("unreachable")
+
+    def recover(self, stage: str, gone: ExpertHandle, error: ExpertError) -> ExpertHandle:
+        """Replace ``gone``, the expert of ``stage``: claim another, configure its optimizers (and QAT) as the
+        trainer did, load the stage's state (from ``gone`` itself if it is leaving, else the newest snapshot, else
+        the weights the stage had when training started), let ``on_replaced`` hooks run, replay the step in flight
+        (the journal), and make it the stage's expert. Concurrent failures of one stage replace it once."""
+        assert self.replacer is not None
+        with self._recovering:
+            if self.handles[stage] is not gone:
+                return self.handles[stage]  # another thread replaced it meanwhile
+            started = time.monotonic()
+            leaving = isinstance(error, ExpertLeavingError)
+            cause = "is leaving" if leaving else "is gone"
+            state, source, lost = None, "", 0
+            if leaving:
+                try:
+                    state, source = gone.get_state(), "the leaving expert's own state"
+                except ExpertError as e:
+                    log.warning("stage '%s': the leaving expert could not hand its state over (%s)", stage, e)
+            if state is None:
+                state, source, lost = self._stage_snapshot(stage)
+            for _ in range(MAX_FAILOVERS_PER_CALL):
+                new = self.replacer(stage, gone, cause)
+                try:
+                    new.configure(self._specs.get(stage, {}), qat=self._qat(stage))
+                    new.set_state(state)
+                    for hook in self.on_replaced:
+                        hook(stage, new)
+                    self._replay(stage, new)
+                    break
+                except ExpertUnavailableError as e:  # the replacement died too: the next one
+                    gone, cause = new, f"died while taking over ({e})"
+            else:
+                raise ExpertUnavailableError(f"stage '{stage}': {MAX_FAILOVERS_PER_CALL} replacements in a row "
+                                             "died while taking over") from error
+            old = self.handles[stage]
+            self.replace(stage, new)
+            took = time.monotonic() - started
+            self.failovers.append({"stage": stage, "old": old.peer_id, "new": new.peer_id, "cause": cause,
+                                   "source": source, "steps_lost": lost, "seconds": took, "step": self._steps,
+                                   "done_at": time.time()})
+            log.warning("stage '%s': expert …%s took over from …%s in %.1f s, from %s; the step in flight was "
+                        "replayed (%d calls)", stage, new.peer_id[-8:], old.peer_id[-8:], took, source,
+                        len(self._journal[stage]))
+            return new
+
+    def _stage_snapshot(self, stage: str) -> tuple[dict[str, Any], str, int]:
+        """The newest snapshot of ``stage`` (waiting for one in flight), or the stage's weights at the start; with
+        where it comes from and the optimizer steps of this stage it lacks."""
+        self.wait_for_snapshot()
+        if stage in self._snapshots:
+            step, state = self._snapshots[stage]
+            lost = self._steps - step
+            lacks = f" ({lost} step{'s' if lost != 1 else ''} of this stage lost)" if lost else ""
+            return state, f"the snapshot of step {step}{lacks}", lost
+        return ({"module": self.originals[stage].state_dict()}, "the weights at the start of training (no snapshot)",
+                self._steps)
+
+    def _replay(self, stage: str, handle: ExpertHandle) -> None:
+        for call in self._journal[stage]:
+            handle.forward(call.request_id, call.layout, call.inputs, training=call.training, need_grad=True)
+            if call.grads is not None:
+                handle.backward(call.request_id, call.grads)
+
+    def snapshot(self, *, wait: bool = False) -> None:
+        """Pull every stage's state (module and optimizers) off the training thread, as of the last optimizer step;
+        the next step waits until it landed (see :meth:`wait_for_snapshot`). A stage whose expert cannot answer keeps
+        its previous snapshot."""
+        self.wait_for_snapshot()
+        step = self._steps
+
+        def pull(stage: str) -> None:
+            try:
+                self._snapshots[stage] = (step, self.handles[stage].get_state())
+            except ExpertError as e:
+                log.warning("stage '%s': no snapshot at step %d (%s)", stage, step, e)
+
+        self._snapshot_futures = [self._mirror.submit(pull, stage) for stage in self.stages]
+        if wait:
+            self.wait_for_snapshot()
+
+    def wait_for_snapshot(self) -> None:
+        """Return once the snapshot in flight (if any) has landed."""
+        for future in list(self._snapshot_futures):
+            future.result()
+
+    def step_done(self) -> None:
+        """A training batch whose optimizers stepped ended: the journal starts afresh."""
+        self._steps += 1
+        for calls in self._journal.values():
+            calls.clear()
+
+    def snapshot_if_due(self) -> None:
+        """A snapshot every ``mirror_every`` steps (after the step's DiLoCo round, if one ran)."""
+        if self.mirror_every and self._steps % self.mirror_every == 0:
+            self.snapshot()
+
+    # ------------------------------------------------------------------ the Route of RemoteStage
+    def forward(self, stage: str, request_id: str, layout: dict[str, Any], tensors: Sequence[torch.Tensor], *,
+                training: bool, need_grad: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Run ``stage`` on its expert; with ``need_grad`` the call is journaled until the step ends."""
+        result = self.call(stage, lambda h: h.forward(request_id, layout, tensors, training=training,
+                                                     need_grad=need_grad))
+        if need_grad and self.replacer is not None:
+            self._journal[stage].append(_Call(request_id, layout, list(tensors), training))
+        return result
+
+    def backward(self, stage: str, request_id: str, grad_outputs: Sequence[torch.Tensor]
+                 ) -> list[Optional[torch.Tensor]]:
+        result = self.call(stage, lambda h: h.backward(request_id, grad_outputs))
+        for call in reversed(self._journal[stage]):
+            if call.request_id == request_id:
+                call.grads = list(grad_outputs)
+                break
+        return result
+
+    def describe_stage(self, stage: str) -> str:
+        return f"expert=…{self.handles[stage].peer_id[-8:]}"
 
     # ------------------------------------------------------------------ the user's module
     def install(self, module: nn.Module) -> None:
         """Put a ``RemoteStage`` in place of every stage submodule of ``module``."""
         for stage in self.originals:
-            module.set_submodule(stage, RemoteStage(stage, self.handles))
+            module.set_submodule(stage, RemoteStage(stage, self))
 
     def uninstall(self, module: nn.Module) -> None:
         """Put the original submodules back."""
@@ -108,11 +287,12 @@ class RemotePipeline:
 
     # ------------------------------------------------------------------ calls on every expert
     def each(self, fn: Callable[[ExpertHandle], T], stages: Optional[Sequence[str]] = None) -> list[T]:
-        """``fn`` on the expert of every stage (or of ``stages``) concurrently; re-raises the first error."""
-        handles = [self.handles[s] for s in (self.stages if stages is None else stages)]
-        if len(handles) <= 1:
-            return [fn(h) for h in handles]
-        return list(self._pool.map(fn, handles))
+        """``fn`` on the expert of every stage (or of ``stages``) concurrently, each with failover; re-raises the
+        first error."""
+        names = list(self.stages if stages is None else stages)
+        if len(names) <= 1:
+            return [self.call(s, fn) for s in names]
+        return list(self._pool.map(lambda s: self.call(s, fn), names))
 
     def wire_bytes(self) -> dict[str, int]:
         """Tensor bytes sent to and received from the experts by forward/backward calls (after encoding)."""
@@ -130,6 +310,7 @@ class RemotePipeline:
             self.splits[id(optimizer)] = split
             for stage in split.stages:
                 specs[stage][index] = split.expert_spec(stage)
+        self._specs = specs
         self.each(lambda h: h.configure(specs[h.stage], qat=self._qat(h.stage)))
 
     def _qat(self, stage: str) -> Optional[dict[str, Any]]:
@@ -146,6 +327,7 @@ class RemotePipeline:
         of every param group (LR schedulers change them)."""
         split = self.split_of(optimizer)
         if split is not None:
+            self.wait_for_snapshot()  # a snapshot must not see this step
             groups = split.group_hparams()
             self.each(lambda h: h.step(split.index, groups, clip_norm=clip_norm, clip_value=clip_value), split.stages)
 
@@ -218,20 +400,28 @@ class RemotePipeline:
         A stage whose expert cannot answer keeps the weights it had when training started; the error says which.
         """
 
-        def pull(handle: ExpertHandle) -> Any:
+        def pull(stage: str) -> Any:
             try:
-                return handle.get_state()
+                return self.handles[stage].get_state()
             except ExpertError as e:
                 return e
 
-        pulled = dict(zip(self.stages, self.each(pull)))
+        try:
+            self.wait_for_snapshot()
+        except Exception:  # noqa: BLE001 - the snapshot is only a fallback here
+            log.debug("the last snapshot failed", exc_info=True)
+        pulled = dict(zip(self.stages, self._pool.map(pull, self.stages)))
         states = {}
         for stage, state in pulled.items():
-            if isinstance(state, ExpertError):
+            if not isinstance(state, ExpertError):
+                states[stage] = state
+            elif stage in self._snapshots:
+                step, states[stage] = self._snapshots[stage]
+                log.error("DistqatStrategy: could not bring the trained weights of stage '%s' home (%s); the module "
+                          "gets its snapshot of step %d (of %d)", stage, state, step, self._steps)
+            else:
                 log.error("DistqatStrategy: could not bring the trained weights of stage '%s' home (%s); the module "
                           "keeps the weights this stage had when training started", stage, state)
-            else:
-                states[stage] = state
         for stage, state in states.items():
             original = self.originals[stage]
             device = next(original.parameters(), torch.empty(0)).device

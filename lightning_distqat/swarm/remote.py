@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
@@ -21,7 +21,7 @@ from lightning_distqat.swarm.messages import (
     LayoutError, flatten_structure, pack, pack_structure, state_to_tensor, tensor_to_state, unpack, unpack_stream,
 )
 
-__all__ = ["ExpertError", "ExpertUnavailableError", "ExpertHandle", "RemoteStage"]
+__all__ = ["ExpertError", "ExpertUnavailableError", "ExpertLeavingError", "ExpertHandle", "RemoteStage", "Route"]
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,21 @@ _UNREACHABLE = (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.Incomp
 class ExpertError(RuntimeError):
     """An expert answered a request with an error (bad input, bad state, a failure inside the stage)."""
 
+    stage: Optional[str] = None
+    """The stage of the expert that failed (set when a handle raises it)."""
+    peer_id: Optional[str] = None
+
 
 class ExpertUnavailableError(ExpertError):
     """An expert did not answer in time or could not be reached: it may have died or its link is too slow.
 
-    Raise ``SwarmConfig.request_timeout`` for slow links; with [failover] the trainer reroutes to another expert.
+    The trainer's pipeline then replaces it (see ``RemotePipeline.recover``); raise ``SwarmConfig.request_timeout``
+    for slow links.
     """
+
+
+class ExpertLeavingError(ExpertUnavailableError):
+    """The expert is shutting down (SIGTERM): it takes no new work but still gives its lease holder its state."""
 
 
 class _EmptyReply(ExpertUnavailableError):
@@ -69,9 +78,11 @@ class ExpertHandle:
     def __repr__(self) -> str:
         return f"ExpertHandle(stage={self.stage!r}, peer={self.peer_id[-8:]})"
 
-    def _fail(self, what: str, cause: str, unavailable: bool = False) -> ExpertError:
-        cls = ExpertUnavailableError if unavailable else ExpertError
-        return cls(f"stage '{self.stage}' on expert …{self.peer_id[-8:]}: {what} failed: {cause}")
+    def _fail(self, what: str, cause: str, unavailable: bool = False, leaving: bool = False) -> ExpertError:
+        cls = ExpertLeavingError if leaving else ExpertUnavailableError if unavailable else ExpertError
+        error = cls(f"stage '{self.stage}' on expert …{self.peer_id[-8:]}: {what} failed: {cause}")
+        error.stage, error.peer_id = self.stage, self.peer_id
+        return error
 
     def _call(self, what: str, coro: Any, timeout: Optional[float] = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
         timeout = self.timeout if timeout is None else timeout
@@ -85,10 +96,12 @@ class ExpertHandle:
         except _UNREACHABLE as e:
             raise self._fail(what, f"{type(e).__name__}: {e}", unavailable=True) from e
         if header is None:
-            raise _EmptyReply(self._fail(what, "the connection closed before the whole answer came; the expert may have "
-                                               "died", unavailable=True))
+            error = _EmptyReply(self._fail(what, "the connection closed before the whole answer came; the expert may "
+                                                 "have died", unavailable=True))
+            error.stage, error.peer_id = self.stage, self.peer_id
+            raise error
         if "error" in header:
-            raise self._fail(what, header["error"])
+            raise self._fail(what, header["error"], leaving=header.get("leaving") is True)
         return header, tensors
 
     def _unary(self, method: str, header: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
@@ -180,9 +193,10 @@ class ExpertHandle:
     def grad_norm(self, norm_type: float) -> float:
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
 
-    def get_state(self) -> dict[str, Any]:
-        """The stage's ``{"module": state dict, "optimizers": {index: state by parameter name}}``."""
-        return tensor_to_state(self._stream_twice("rpc_get_state", {}, [])[1][0])
+    def get_state(self, parts: Optional[list[str]] = None) -> dict[str, Any]:
+        """The stage's ``{"module": state dict, "optimizers": {index: state by parameter name}}``, plus ``"diloco"``
+        (its outer state) while DiLoCo runs; ``parts`` picks some of them."""
+        return tensor_to_state(self._stream_twice("rpc_get_state", {"parts": parts} if parts else {}, [])[1][0])
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Load (part of) what :meth:`get_state` returns into the stage."""
@@ -206,15 +220,47 @@ class ExpertHandle:
         self._unary("rpc_claim", {"ttl": 0.0}, timeout)
 
 
+class Route(Protocol):
+    """Where a ``RemoteStage`` sends its calls: the trainer's pipeline (which replaces experts that die and replays
+    what they lost), or :class:`_Direct` over a plain mapping of handles."""
+
+    def forward(self, stage: str, request_id: str, layout: dict[str, Any], tensors: Sequence[torch.Tensor], *,
+                training: bool, need_grad: bool) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
+
+    def backward(self, stage: str, request_id: str, grad_outputs: Sequence[torch.Tensor]
+                 ) -> list[Optional[torch.Tensor]]: ...
+
+    def describe_stage(self, stage: str) -> str: ...
+
+
+class _Direct:
+    """A :class:`Route` straight to ``handles[stage]``, with no failover."""
+
+    def __init__(self, handles: Mapping[str, ExpertHandle]) -> None:
+        self.handles = handles
+
+    def forward(self, stage: str, request_id: str, layout: dict[str, Any], tensors: Sequence[torch.Tensor], *,
+                training: bool, need_grad: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        return self.handles[stage].forward(request_id, layout, tensors, training=training, need_grad=need_grad)
+
+    def backward(self, stage: str, request_id: str, grad_outputs: Sequence[torch.Tensor]
+                 ) -> list[Optional[torch.Tensor]]:
+        return self.handles[stage].backward(request_id, grad_outputs)
+
+    def describe_stage(self, stage: str) -> str:
+        return f"expert=…{self.handles[stage].peer_id[-8:]}"
+
+
 class _RemoteCall(torch.autograd.Function):
-    """Forward runs the stage on its expert; backward sends output grads to the same expert (its activations are
-    there) and returns the input grads it computed."""
+    """Forward runs the stage on its expert; backward sends output grads to the stage under the same request id (to
+    the expert that ran the forward, or to the one that replaced it and replayed that forward)."""
 
     @staticmethod
-    def forward(ctx, dummy, handle, layout, training, reply, *tensors):  # noqa: ANN001, ANN205
+    def forward(ctx, dummy, route, stage, layout, training, reply, *tensors):  # noqa: ANN001, ANN205
         request_id = uuid.uuid4().hex
-        outputs, reply["layout"] = handle.forward(request_id, layout, tensors, training=training, need_grad=True)
-        ctx.handle, ctx.request_id = handle, request_id
+        outputs, reply["layout"] = route.forward(stage, request_id, layout, tensors, training=training,
+                                                 need_grad=True)
+        ctx.route, ctx.stage, ctx.request_id = route, stage, request_id
         ctx.inputs = [(t.device, t.dtype) for t in tensors]
         outputs = [o.to(dummy.device) for o in outputs]
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
@@ -223,28 +269,24 @@ class _RemoteCall(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):  # noqa: ANN001, ANN205
-        grads = ctx.handle.backward(ctx.request_id, [g.contiguous() for g in grad_outputs])
+        grads = ctx.route.backward(ctx.stage, ctx.request_id, [g.contiguous() for g in grad_outputs])
         grads = [g.to(device=d, dtype=t) if g is not None else None for g, (d, t) in zip(grads, ctx.inputs)]
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 class RemoteStage(nn.Module):
     """Stands in for a stage submodule: the same call signature (tensors, plain values, and tuples, lists and dicts
-    of them), computed on the expert that ``handles[name]`` names at call time. Backward always goes to the expert
-    that ran the forward."""
+    of them), computed on the expert that serves the stage at call time. ``route``: the trainer's pipeline, or a
+    mapping of handles by stage (no failover)."""
 
-    def __init__(self, name: str, handles: Mapping[str, ExpertHandle]) -> None:
+    def __init__(self, name: str, route: Union[Route, Mapping[str, ExpertHandle]]) -> None:
         super().__init__()
         self.stage_name = name
-        self._handles = handles
+        self._route: Route = _Direct(route) if isinstance(route, Mapping) else route
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
 
-    @property
-    def handle(self) -> ExpertHandle:
-        return self._handles[self.stage_name]
-
     def extra_repr(self) -> str:
-        return f"stage={self.stage_name!r}, expert=…{self.handle.peer_id[-8:]}"
+        return f"stage={self.stage_name!r}, {self._route.describe_stage(self.stage_name)}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -252,14 +294,14 @@ class RemoteStage(nn.Module):
         except LayoutError as e:
             raise TypeError(f"RemoteStage '{self.stage_name}': {e}. Pass those, or keep this submodule local (leave it "
                             "out of stages).") from None
-        handle, device = self.handle, self._device_anchor.device
+        device = self._device_anchor.device
         if torch.is_grad_enabled():
             dummy = torch.empty(0, device=device, requires_grad=True)
             reply: dict[str, Any] = {}
-            outputs = _RemoteCall.apply(dummy, handle, layout, self.training, reply, *tensors)
+            outputs = _RemoteCall.apply(dummy, self._route, self.stage_name, layout, self.training, reply, *tensors)
             out_layout = reply["layout"]
         else:
-            outputs, out_layout = handle.forward(uuid.uuid4().hex, layout, tensors, training=self.training,
-                                                 need_grad=False)
+            outputs, out_layout = self._route.forward(self.stage_name, uuid.uuid4().hex, layout, tensors,
+                                                      training=self.training, need_grad=False)
             outputs = [o.to(device) for o in outputs]
         return pack_structure(out_layout, outputs)
