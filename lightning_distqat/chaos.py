@@ -63,6 +63,8 @@ class Chaos:
     batch_ends: list[tuple[int, float, int]] = field(default_factory=list)
     """(global step after the batch, time, samples) per training batch."""
     failovers: list[dict[str, Any]] = field(default_factory=list)
+    cold_start: Optional[float] = None
+    """Seconds the slowest embedded expert took from launch to serving (what a replacement started anew costs)."""
 
     def __post_init__(self) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -70,6 +72,10 @@ class Chaos:
         chaos = self
 
         class _Hook(Callback):
+            def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+                embedded = trainer.strategy.membership.embedded if trainer.strategy.membership else None
+                chaos.cold_start = sum(embedded.startup_split().values()) if embedded is not None else None
+
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
                 chaos._maybe_fail(trainer)
 
@@ -105,12 +111,15 @@ class Chaos:
         the first failure and after the last recovery."""
         rows = []
         for failure, failover in zip(self.failures, self.failovers):
+            next_step = next((t for _, t, _ in self.batch_ends if t > failure.at), None)
             rows.append({"step": failure.step, "stage": failure.stage, "signal": failure.signal,
                          "steps_lost": failover["steps_lost"], "recovery_s": failover["done_at"] - failure.at,
+                         "to_next_step_s": next_step - failure.at if next_step is not None else None,
                          "source": failover["source"]})
         first = self.failures[0].at if self.failures else float("inf")
         last = self.failovers[-1]["done_at"] if self.failovers else float("-inf")
-        return {"failures": rows, "unrecovered": len(self.failures) - len(self.failovers),
+        return {"failures": rows, "unrecovered": len(self.failures) - len(self.failovers), "cold_start_s": self.cold_start,
+                "batch_ends": list(self.batch_ends),
                 "before": _throughput([b for b in self.batch_ends if b[1] < first]),
                 "after": _throughput([b for b in self.batch_ends if b[1] > last])}
 
@@ -133,7 +142,7 @@ def run(steps: int = 60, every: int = 15, signals: Sequence[str] = ("kill", "ter
     for name in signals:
         if name not in SIGNALS:
             raise ValueError(f"distqat-chaos: unknown signal {name!r}; use {', '.join(SIGNALS)}")
-    at_steps = list(range(every, steps, every)) if every > 0 else []
+    at_steps = list(range(every, steps - every // 2, every)) if every > 0 else []  # room after the last one
     per_stage = -(-len(at_steps) // stages)  # failures hit the stages in turn; each one uses up a spare
     if per_stage > spares:
         raise ValueError(f"distqat-chaos: {len(at_steps)} failures over {stages} stages need {per_stage} spare "
@@ -160,10 +169,14 @@ def format_report(report: dict[str, Any]) -> str:
     loss = report.get("final_loss")
     lines = ["", "distqat-chaos report",
              f"  steps trained: {report['steps']}" + (f", final loss {loss:.4f}" if loss is not None else "")]
-    lines.append(f"  {'step':>5}  {'stage':<10} {'signal':<6} {'steps lost':>10} {'recovery':>9}  state from")
+    lines.append(f"  {'step':>5}  {'stage':<10} {'signal':<6} {'steps lost':>10} {'recovery':>9} {'next step':>10}"
+                 "  state from")
     for row in report["failures"]:
+        following = f"{row['to_next_step_s']:.1f}s" if row["to_next_step_s"] is not None else "n/a"
         lines.append(f"  {row['step']:>5}  {row['stage']:<10} {row['signal']:<6} {row['steps_lost']:>10} "
-                     f"{row['recovery_s']:>8.1f}s  {row['source']}")
+                     f"{row['recovery_s']:>8.1f}s {following:>10}  {row['source']}")
+    if report.get("cold_start_s"):
+        lines.append(f"  an embedded expert's cold start (launch to serving): {report['cold_start_s']:.1f}s")
     if report["unrecovered"]:
         lines.append(f"  {report['unrecovered']} failure(s) had not been noticed when training ended")
 
@@ -182,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "stopping (SIGTERM) the pipeline's experts on a schedule; prints steps lost per failure, time "
                     "to recover, and throughput before and after.")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps to train (default 60)")
-    parser.add_argument("--every", type=int, default=15, help="fail an expert every this many steps (default 15)")
+    parser.add_argument("--every", type=int, default=15,
+                        help="fail an expert every this many steps, none in the last half interval (default 15)")
     parser.add_argument("--signals", default="kill,term",
                         help="signals to send in turn: kill (SIGKILL), term (SIGTERM, a graceful leave)")
     parser.add_argument("--spares", type=int, default=2, help="spare experts per stage (default 2)")

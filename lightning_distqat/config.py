@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-__all__ = ["SwarmConfig", "ExpertConfig", "DataConfig", "QuantConfig", "WIRE_CODECS", "PSEUDO_GRADIENT_CODECS",
+__all__ = ["SwarmConfig", "ExpertConfig", "MirrorConfig", "DataConfig", "QuantConfig", "WIRE_CODECS", "PSEUDO_GRADIENT_CODECS",
            "QAT_SCHEMES"]
 
 WIRE_CODECS = ("none", "fp16", "bf16", "int8", "int4")
@@ -50,6 +50,10 @@ class SwarmConfig:
     expert_device: str = "cpu"
     """Device of the experts that the embedded swarm starts (``"cpu"`` or ``"cuda:0"``...)."""
 
+    seed_experts: bool = True
+    """With ``initial_peers``: send the trainer's stage weights to the experts it claims. ``False`` keeps the
+    experts' own (e.g. a swarm restarted from a parameter mirror's checkpoint, which its experts warm-started from)."""
+
     spare_experts: int = 0
     """Unleased experts per stage that the embedded swarm starts besides the ones its trainers use: replacements
     ready when an expert dies (failover on one machine)."""
@@ -87,7 +91,21 @@ class ExpertConfig:
     """Prefix of every DHT key (must match the trainers')."""
 
     stage: str = "stage"
-    """Name of the hosted stage: the dotted submodule path inside the user's LightningModule."""
+    """Name of the hosted stage: the dotted submodule path inside the user's LightningModule. ``"auto"`` (with a
+    whole model, ``distqat-expert``): the stage of ``stages`` that has the fewest live experts."""
+
+    stages: list[str] = field(default_factory=list)
+    """The model's stages, for ``stage="auto"`` and for moving: empty takes the model's ``STAGES``."""
+
+    rebalance: bool = True
+    """With a whole model: move to a stage that has no expert, or at least two fewer than the fullest one, when this
+    unleased expert is the one chosen to fill the gap (exactly one expert moves per gap)."""
+
+    rebalance_patience: int = 3
+    """Heartbeats a gap must last before an expert moves to fill it."""
+
+    min_stay: float = 60.0
+    """Seconds an expert that moved stays on its new stage before it may move again."""
 
     initial_peers: list[str] = field(default_factory=list)
     """Multiaddrs of any peer of the swarm to join. Empty starts a new swarm."""
@@ -138,8 +156,50 @@ class ExpertConfig:
     """The experiment's shared secret (see :attr:`SwarmConfig.access_token`); ``None`` reads
     ``DISTQAT_ACCESS_TOKEN``."""
 
+    mirror_peers: list[str] = field(default_factory=list)
+    """Peer ids of parameter mirrors (``distqat-mirror`` prints its own) that may read this expert's state without
+    holding its lease."""
+
+    warm_start: bool = True
+    """When the expert takes a stage (at start or after a move), load that stage's newest state from a parameter
+    mirror of the experiment, if one announces itself and has the stage."""
+
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
+
+
+@dataclass(kw_only=True)
+class MirrorConfig:
+    """A parameter mirror (``distqat-mirror``): pulls every stage's state from the experts, writes checkpoints, and
+    serves the newest state of a stage to experts that warm-start."""
+
+    experiment: str = "distqat"
+    initial_peers: list[str] = field(default_factory=list)
+    """Any peer of the swarm."""
+
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+
+    identity_path: Optional[str] = None
+    """A file holding the mirror's libp2p key (made if missing): its peer id stays the same across restarts, so the
+    experts' ``mirror_peers`` stay valid."""
+
+    checkpoint_dir: str = "checkpoints"
+    """Where checkpoints go: ``mirror-<unix time>.pt``, written to a temporary file and renamed (atomic)."""
+
+    refresh_every: float = 60.0
+    """Seconds between two pulls (and checkpoints)."""
+
+    keep: int = 3
+    """Checkpoints kept; older ones are deleted."""
+
+    request_timeout: float = 60.0
+    access_token: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.access_token = _token(self.access_token)
+        if not self.refresh_every > 0 or not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"MirrorConfig: refresh_every must be > 0 and keep an int >= 1, got "
+                             f"{self.refresh_every!r}, {self.keep!r}")
 
 
 @dataclass(kw_only=True)

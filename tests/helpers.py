@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+import subprocess
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -102,6 +103,19 @@ def kill_pids(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def interrupt_all(processes: Sequence[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGINT to every process still running (a clean stop), then wait; SIGKILL what does not stop in ``timeout``."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # ---------------------------------------------------------------------- models and data

@@ -34,11 +34,11 @@ def test_replicas_that_agree_average_exactly_and_identically():
     points = _honest(3)
     weights = [3.0, 1.0, 2.0]
     contributions = [_c(f"p{i}", w, v) for i, (v, w) in enumerate(zip(points, weights))]
-    result = robust_aggregate(contributions, own="p0")
+    result = robust_aggregate(contributions)
     assert result.used == ["p0", "p1", "p2"] and not result.excluded
     torch.testing.assert_close(_vec(result), _mean(points, weights), rtol=0, atol=1e-15)
     again = robust_aggregate([_c(c.peer, c.weight, torch.cat([t.reshape(-1) for t in c.tensors]))
-                              for c in contributions], own="p2")
+                              for c in contributions])
     assert torch.equal(_vec(again), _vec(result)), "every replica must compute the same aggregate"
 
 
@@ -52,8 +52,7 @@ def test_broken_contributions_are_left_out():
         (points[2], float("inf"), "weight"),
         (points[2], -1.0, "weight"),
     ]:
-        result = robust_aggregate([_c("a", 1.0, points[0]), _c("b", 1.0, points[1]), _c("x", bad_weight, bad_vector)],
-                                  own="a")
+        result = robust_aggregate([_c("a", 1.0, points[0]), _c("b", 1.0, points[1]), _c("x", bad_weight, bad_vector)])
         assert result.used == ["a", "b"] and why in result.excluded["x"], (why, result.excluded)
         torch.testing.assert_close(_vec(result), honest_only, rtol=1e-12, atol=0)
 
@@ -63,7 +62,7 @@ def test_an_attacker_within_the_screening_limits_moves_the_result_at_most_the_cl
     a, b = _honest(2, seed=1)
     attacker = -9.0 * (a + b) / 2
     contributions = [_c("a", 1.0, a), _c("b", 1.0, b), _c("x", 99.0, attacker)]
-    result = robust_aggregate(contributions, own="a", max_norm_ratio=10.0, max_weight_ratio=100.0, clip_factor=4.0)
+    result = robust_aggregate(contributions, max_norm_ratio=10.0, max_weight_ratio=100.0, clip_factor=4.0)
     assert result.used == ["a", "b", "x"]
     honest = (a + b) / 2
     plain = _mean([a, b, attacker], [1.0, 1.0, 99.0])
@@ -83,21 +82,26 @@ def test_one_bad_replica_of_three_stays_bounded_whatever_it_sends(bad, bad_weigh
     a = base + spread * torch.randn(8, generator=g, dtype=torch.float64)
     b = base + spread * torch.randn(8, generator=g, dtype=torch.float64)
     x = torch.tensor(bad, dtype=torch.float64)
-    result = robust_aggregate([_c("a", 1.0, a), _c("b", 1.0, b), _c("x", bad_weight, x)], own="a",
+    result = robust_aggregate([_c("a", 1.0, a), _c("b", 1.0, b), _c("x", bad_weight, x)],
                               max_norm_ratio=1e300, max_weight_ratio=1e300, clip_factor=4.0)
     honest = (a + b) / 2
     assert float((_vec(result) - honest).norm()) <= 5.0 * float((a - b).norm()) * (1 + 1e-9) + 1e-9
 
 
-def test_a_pair_measures_the_other_by_its_own_contribution():
+def test_a_pair_caps_the_larger_and_the_heavier_alike_on_both_sides():
+    """Two replicas must end with the same params: what each computes does not depend on who computes it."""
     own, other = _honest(2, seed=2)
-    ok = robust_aggregate([_c("me", 2.0, own), _c("you", 1.0, other)], own="me")
+    ok = robust_aggregate([_c("me", 2.0, own), _c("you", 1.0, other)])
     torch.testing.assert_close(_vec(ok), _mean([own, other], [2.0, 1.0]), rtol=0, atol=1e-15)
-    large = robust_aggregate([_c("me", 1.0, own), _c("you", 1.0, 5.0 * own)], own="me")
-    assert large.used == ["me"] and "this replica's own norm" in large.excluded["you"]
-    heavy = robust_aggregate([_c("me", 1.0, own), _c("you", 101.0, other)], own="me")
-    assert heavy.used == ["me"] and "this replica's own weight" in heavy.excluded["you"]
-    torch.testing.assert_close(_vec(heavy), own, rtol=0, atol=0)
+    assert not ok.clipped and not ok.excluded
+    for pair in ([_c("me", 1.0, own), _c("you", 101.0, 5.0 * own)], [_c("you", 101.0, 5.0 * own), _c("me", 1.0, own)]):
+        result = robust_aggregate(pair)
+        assert result.used == ["me", "you"] and "weight capped" in result.clipped["you"]
+        assert "norm scaled down" in result.clipped["you"]
+        torch.testing.assert_close(_vec(result), _mean([own, 4.0 * own], [1.0, 100.0]), rtol=1e-12, atol=0)
+    listener = robust_aggregate([_c("me", 0.0, own), _c("you", 3.0, other)])
+    assert listener.used == ["you"] and listener.listening == ["me"]
+    torch.testing.assert_close(_vec(listener), other, rtol=0, atol=0)
 
 
 def test_a_peers_outer_state_is_checked_and_keeps_our_hyperparameters():

@@ -5,6 +5,7 @@ replica is left out and the others go on."""
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -109,35 +110,66 @@ def test_data_parallel_diloco_two_trainers_and_a_killed_replica(tmp_path, bootst
     assert sum(losses[-H:]) < sum(losses[:H]), "the training loss went down"
 
 
+def _peer_in_log(log: Path, seconds: float = 120) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        match = re.search(r"as peer (\S+) on", log.read_text() if log.exists() else "")
+        if match:
+            return match.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"no expert started with the log {log}")
+
+
 @pytest.mark.timeout(420)
-def test_two_pipelines_three_stages(tmp_path, bootstrap):
-    experts = []
+def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, bootstrap):
+    """Two trainers, each a pipeline of 3 standalone experts, and a spare 'body' expert. After the first round the
+    'body' expert of one pipeline is killed: its trainer takes the spare (which loads the live replica's outer
+    state), and both replicas keep averaging every stage in every round."""
+    from lightning_distqat import SwarmConfig
+    from lightning_distqat.swarm.client import SwarmClient
+
+    experts = {}
     script = Path(sys.executable).with_name("distqat-expert")
-    for replica in range(2):
-        for stage in ("stem", "body", "head"):
-            experts.append(subprocess.Popen(
-                [str(script), "model._target_=tests.helpers.ThreeStageNet", "~model.arch", "~model.num_classes",
-                 "expert.experiment=dl-test", f"expert.stage={stage}", f"expert.initial_peers=[{bootstrap}]",
-                 f"hydra.run.dir={tmp_path}/{stage}-{replica}"],
-                cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-    trainers = []
+    for name, stage in [(f"{stage}-{r}", stage) for r in range(2) for stage in ("stem", "body", "head")] + \
+            [("body-spare", "body")]:
+        experts[name] = subprocess.Popen(
+            [str(script), "model._target_=tests.helpers.ThreeStageNet", "~model.arch", "~model.num_classes",
+             "expert.experiment=dl-test", f"expert.stage={stage}", f"expert.initial_peers=[{bootstrap}]",
+             f"hydra.run.dir={tmp_path}/{name}"],
+            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    trainers, observer = [], None
+    rounds = 5
     try:
-        trainers = [_trainer(tmp_path / f"p{r}.pt", r, 3 * H, bootstrap, "--stages") for r in range(2)]
-        for t in trainers:
-            _finish(t, 170)
+        by_peer = {_peer_in_log(tmp_path / name / "expert.log"): name for name in experts}
+        trainers = [_trainer(tmp_path / f"p{r}.pt", r, rounds * H, bootstrap, "--stages") for r in range(2)]
+        _wait_for_line(trainers[0], "ROUND 1", 200)
+        observer = SwarmClient(SwarmConfig(experiment="dl-test", initial_peers=[bootstrap])).start()
+        deadline = time.monotonic() + 30  # records say "leased" from their next heartbeat on
+        while True:
+            leased = [by_peer[r.peer_id] for r in observer.directory("body") if r.leased and r.peer_id in by_peer]
+            if len(leased) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(leased) == 2, leased
+        experts[leased[0]].send_signal(signal.SIGKILL)
+        outputs = [_finish(t, 200) for t in trainers]
+        (tmp_path / "outputs.txt").write_text("\n=====\n".join(outputs))
+        assert sum("took over from" in out for out in outputs) == 1, outputs
     finally:
-        for p in trainers + experts:
+        if observer is not None:
+            observer.shutdown()
+        for p in trainers + list(experts.values()):
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        for p in trainers + experts:
+        for p in trainers + list(experts.values()):
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
     a, b = (torch.load(tmp_path / f"p{r}.pt", weights_only=False) for r in range(2))
-    _assert_replicas_agree(a, b, rounds=3)
+    _assert_replicas_agree(a, b, rounds=rounds)
     assert set(a["reports"][0]["checksums"]) == {"stem", "body", "head", "trainer-local"}
     # when fit returns, both modules hold the outer params, which the replicas share
     for key, value in a["state"].items():

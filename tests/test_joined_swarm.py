@@ -15,7 +15,7 @@ from lightning_distqat import DistqatStrategy, PipelineUnavailableError, SwarmCo
 from lightning_distqat.swarm.dht import start_dht
 from lightning_distqat.swarm.client import SwarmClient
 from lightning_distqat.swarm.records import stage_fingerprint
-from tests.helpers import ThreeStageNet, fit_params, max_rel_diff
+from tests.helpers import ThreeStageNet, fit_params, interrupt_all, max_rel_diff
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,7 @@ def standalone_swarm(tmp_path):
             ))
         yield peers, experts
     finally:
-        for process in experts:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in experts:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        interrupt_all(experts)
         bootstrap.shutdown()
 
 

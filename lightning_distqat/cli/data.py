@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from lightning_distqat.cli import serve_until_signal
 
 __all__ = ["serve", "main"]
 
@@ -19,18 +19,11 @@ def serve(cfg: DictConfig) -> None:
     from lightning_distqat.data.server import DataServer
 
     data: DataConfig = instantiate(cfg.data, _convert_="all")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server = DataServer(data)
-    try:
-        server.start()
-        print(f"distqat-data: serving '{data.source}' to {data.num_trainers} trainer(s) at {server.address} "
-              f"(Ctrl+C stops)", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
+    serve_until_signal(
+        lambda: DataServer(data).start(),
+        lambda server: f"distqat-data: serving '{data.source}' to {data.num_trainers} trainer(s) at {server.address} "
+                       "(Ctrl+C stops)",
+        lambda server: server.shutdown())
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="data_server")

@@ -51,12 +51,13 @@ class DiLoCoConfig:
     """Values per scale of the ``int8``/``int4`` pseudo-gradient codecs."""
 
     max_weight_ratio: float = 100.0
-    """A replica whose weight (samples since the last round) exceeds this times the median weight of its group (in a
-    group of two: this replica's own weight) is left out of the round (a replica cannot claim all the work)."""
+    """A replica whose weight (samples since the last round) exceeds this times the median weight of its group is
+    left out of the round (a replica cannot claim all the work); in a group of two the heavier weight is capped at
+    this times the lighter."""
 
     max_norm_ratio: float = 4.0
-    """A replica whose pseudo-gradient norm exceeds this times the median norm of its group (in a group of two: this
-    replica's own norm) is left out of the round."""
+    """A replica whose pseudo-gradient norm exceeds this times the median norm of its group is left out of the round;
+    in a group of two the larger pseudo-gradient is scaled down to this times the smaller one's norm."""
 
     clip_factor: float = 4.0
     """Clipping radius, in median distances of the contributions from their coordinate-wise median: when all are

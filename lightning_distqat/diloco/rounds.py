@@ -84,11 +84,17 @@ class TrainerRounds:
         return {"inner_steps": self.inner_steps, "samples_since_round": self.samples_since_round, "stages": stages,
                 "local": self._sync.state.state_dict() if self._sync is not None else None}
 
-    def join(self, stage_or_handle: Any, handle: Optional[ExpertHandle] = None) -> dict[str, Any]:
-        """Start DiLoCo on an expert (``join(handle)`` or, as a pipeline hook, ``join(stage, handle)``): it joins
-        its stage's averaging group and loads the outer state of a live replica if there is one."""
-        handle = handle if handle is not None else stage_or_handle
-        return handle.diloco("start", timeout=self._timeout, config=asdict(self.config), solo=self.solo)
+    def join(self, handle: ExpertHandle, *, listen_first: bool = False) -> dict[str, Any]:
+        """Start DiLoCo on an expert: it joins its stage's averaging group and loads the outer state of a live
+        replica if there is one. ``listen_first``: it joins mid-round (a replacement), so in its first round it
+        takes the others' aggregate instead of adding its own few steps."""
+        return handle.diloco("start", timeout=self._timeout, config=asdict(self.config), solo=self.solo,
+                             listen_first=listen_first)
+
+    def join_replacement(self, stage: str, handle: ExpertHandle) -> str:
+        """The pipeline's ``on_replaced`` hook: a replacement of ``stage`` joins mid-round. Says which outer round
+        it is at (a live replica's, if one had a newer state than the snapshot)."""
+        return f"DiLoCo outer state of round {self.join(handle, listen_first=True)['round']}"
 
     def inner_step_done(self) -> Optional[dict[str, Any]]:
         """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
@@ -120,6 +126,7 @@ class TrainerRounds:
             "inner_step": self.inner_steps,
             "round": min(r["round"] for r in per_group.values()),
             "group_size": min(r["group_size"] for r in per_group.values()),
+            "group_sizes": {group: r["group_size"] for group, r in per_group.items()},
             "bytes_sent": sum(r["bytes_sent"] for r in per_group.values()),
             "bytes_received": sum(r["bytes_received"] for r in per_group.values()),
             "checksums": {group: r["checksum"] for group, r in per_group.items()},

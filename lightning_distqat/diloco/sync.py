@@ -41,7 +41,8 @@ class RoundReport:
 
     round: int
     group_size: int
-    """Replicas whose pseudo-gradients were averaged (1: this replica alone)."""
+    """Replicas that ended the round with the same result: those whose pseudo-gradients were averaged, and listeners
+    (a replacement in its first round). 1: this replica alone."""
     bytes_sent: int
     bytes_received: int
     failed: Optional[str] = None
@@ -167,13 +168,15 @@ class _Averager(DecentralizedAverager):
                 excluded[peer] = f"contribution cannot be read ({type(e).__name__}: {e})"
                 continue
             contributions.append(Contribution(peer, w, decoded))
-        result = robust_aggregate(contributions, own=me, max_weight_ratio=self._diloco.max_weight_ratio,
+        result = robust_aggregate(contributions, max_weight_ratio=self._diloco.max_weight_ratio,
                                   max_norm_ratio=self._diloco.max_norm_ratio, clip_factor=self._diloco.clip_factor)
-        if result is None or me not in result.used:
+        listening = weight == 0
+        if result is None or (me not in result.used and not listening):
             raise AllreduceException(f"this replica's own contribution was left out ({excluded or result})")
         for t, value in zip(tensors, result.tensors):
             t.copy_(value)
-        return {"used": result.used, "excluded": {**excluded, **result.excluded}}
+        return {"used": result.used, "excluded": {**excluded, **result.excluded}, "listening": result.listening,
+                "clipped": result.clipped}
 
     async def _send(self, peer: str, group_id: bytes, weight: float, parts: list[runtime_pb2.Tensor]) -> None:
         async def messages() -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -245,6 +248,10 @@ class DiLoCoSync:
         self._averager: Optional[_Averager] = None
         self._compression = pseudo_gradient_compression(config.pseudo_gradient_codec, config.codec_block_size)
         self.reports: list[RoundReport] = []
+        self.listen_next_round = False
+        """Set for a replica that joined its group mid-round (an expert that replaced a dead one): in its next
+        round it takes the others' aggregate (weight 0) instead of adding its own few steps, so that every replica
+        of the group ends the round with the same outer params."""
 
     def start(self, *, newer_only: bool = False) -> "DiLoCoSync":
         """Join the averaging group (unless solo) and adopt a peer's outer state if one exists (with
@@ -347,9 +354,11 @@ class DiLoCoSync:
         ``samples`` processed since the last round), take the outer step, reset local params.
 
         A replica left out of every group loads the outer state of a peer that took part if there is one (so it
-        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient.
+        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. With
+        ``listen_next_round`` it only takes the aggregate of the others this time.
         """
         assert self._started, "DiLoCoSync.start() was not called"
+        listening, self.listen_next_round = self.listen_next_round, False
         pseudo = self.state.pseudo_gradients()
         group, error = None, None
         if self._averager is not None:  # a solo replica has nobody to average with
@@ -358,7 +367,8 @@ class DiLoCoSync:
                     t.copy_(g)
             try:
                 group = self._averager.step(
-                    weight=max(float(samples), 1e-6), timeout=self.config.averaging_timeout, allow_retries=False
+                    weight=0.0 if listening else max(float(samples), 1e-6), timeout=self.config.averaging_timeout,
+                    allow_retries=False
                 )
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 error = "".join(traceback.format_exception_only(e)).strip()
@@ -371,11 +381,13 @@ class DiLoCoSync:
             with self._averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             self.state.apply(averaged)
+            if outcome["clipped"]:
+                log.info("DiLoCo %s: round %d reduced %s", self._prefix, self.state.round, outcome["clipped"])
             if outcome["excluded"] or outcome["missing"]:
                 log.warning("DiLoCo %s: round %d left out %s%s", self._prefix, self.state.round, outcome["excluded"],
                             f"; no contribution came from {outcome['missing']}" if outcome["missing"] else "")
-            report = RoundReport(self.state.round, len(outcome["used"]), outcome["sent"], outcome["received"],
-                                 excluded=outcome["excluded"])
+            report = RoundReport(self.state.round, len(outcome["used"]) + len(outcome["listening"]), outcome["sent"],
+                                 outcome["received"], excluded=outcome["excluded"])
         elif self._averager is not None and self._load_from_peers():
             report = RoundReport(self.state.round, 0, 0, nbytes, failed=error)
         else:

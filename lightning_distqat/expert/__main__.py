@@ -78,8 +78,10 @@ def main(argv: list[str]) -> int:
         import torch  # noqa: F401  (first: the stage's tensors need it)
 
         from lightning_distqat.config import ExpertConfig
+        from lightning_distqat.expert.backend import warm_up
         from lightning_distqat.expert.server import ExpertServer
 
+        warm_up()  # while the trainer starts its DHT node: the first optimizer's imports
         timings["imported"] = time.time()
         blob = read_frame(sys.stdin.buffer)
         timings["received"] = time.time()

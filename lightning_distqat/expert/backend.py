@@ -60,6 +60,18 @@ def _same_kind(current: Any, new: Any) -> bool:
     return type(current) is type(new)
 
 
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay, once per process, what torch spends on its first optimizer (lazy imports, about 0.9 s here), so that a
+    spare expert taking over, or the trainer's first configure, does not wait for it."""
+    global _WARM
+    if not _WARM:
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        _WARM = True
+
+
 class StageBackend:
     """One stage's module with its optimizers and saved forward contexts."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import signal
 import threading
 import time
@@ -17,11 +18,13 @@ from torch import nn
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.diloco.config import group_prefix
 from lightning_distqat.diloco.sync import DiLoCoSync
-from lightning_distqat.expert.backend import StageBackend
+from lightning_distqat.expert.backend import StageBackend, warm_up
 from lightning_distqat.expert.servicer import ExpertServicer
 from lightning_distqat.swarm.dht import start_dht
 from lightning_distqat.expert.checks import OptimizerAllowlist, plain_hparams
-from lightning_distqat.swarm.records import ExpertRecord, experts_key, local_owner_key
+from lightning_distqat.expert.placement import MovePolicy, initial_stage, planned_move
+from lightning_distqat.swarm.records import (ExpertRecord, RecordError, experts_key, gone_key, gone_peers,
+                                             local_owner_key)
 
 __all__ = ["ExpertServer"]
 
@@ -38,16 +41,37 @@ class ExpertServer:
     def __init__(
         self,
         config: ExpertConfig,
-        module: nn.Module,
+        module: Optional[nn.Module] = None,
         *,
+        model: Optional[nn.Module] = None,
         on_ready: Optional[Callable[[dict[str, Any]], None]] = None,
     ) -> None:
+        """``module``: the stage to host. ``model``: the whole model instead, for ``config.stage == "auto"`` and for
+        moving to stages that lack experts (``config.rebalance``); its stages are ``config.stages`` or its
+        ``STAGES``."""
+        if module is None and model is None:
+            raise ValueError("ExpertServer needs the stage module or the whole model")
+        if config.stage == "auto" and model is None:
+            raise ValueError("ExpertServer: stage='auto' needs the whole model to pick a stage from")
         self.config = config
         self.module = module
+        self.model = model
+        self.stages = list(config.stages or getattr(model, "STAGES", None) or []) if model is not None else []
+        if model is not None and not self.stages:
+            raise ValueError(f"ExpertServer: {type(model).__name__} has no STAGES; set ExpertConfig.stages")
+        for stage in self.stages:
+            try:
+                model.get_submodule(stage)
+            except AttributeError:
+                raise ValueError(f"ExpertServer: stage '{stage}' is not a submodule of {type(model).__name__}") \
+                    from None
+        self.moves = MovePolicy(patience=config.rebalance_patience, min_stay=config.min_stay)
         self.on_ready = on_ready
         self.timings: dict[str, float] = {}
         self.servicer: Optional[ExpertServicer] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._p2p: Any = None
+        self._dht: Any = None
         self._stop: Optional[asyncio.Event] = None
         self._stop_requested = threading.Event()
         self._heartbeat_stop = threading.Event()
@@ -96,15 +120,20 @@ class ExpertServer:
         """Serve until :meth:`shutdown`, SIGINT or SIGTERM. Raises ``RuntimeError`` after a fatal error in the stage
         (the process should then exit non-zero: it no longer serves)."""
         cfg = self.config
-        allowlist = OptimizerAllowlist(cfg.extra_optimizers, cfg.trusted_peers)
-        backend = StageBackend(cfg.stage, self.module, device=cfg.device, max_pending=cfg.max_pending_backward,
-                               max_pending_bytes=cfg.max_pending_bytes, allowlist=allowlist)
+        warm_up()
+        self._allowlist = OptimizerAllowlist(cfg.extra_optimizers, cfg.trusted_peers)
         dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs, experiment=cfg.experiment,
                         access_token=cfg.access_token)
         self.timings["joined"] = time.time()
         heartbeat: Optional[threading.Thread] = None
         try:
-            prefix = group_prefix(cfg.experiment, cfg.stage)
+            peer_id = dht.peer_id.to_base58()
+            if cfg.stage == "auto":
+                stage = initial_stage(self.stages, self._directory(dht), peer_id)
+                log.info("expert …%s takes stage '%s' (the fewest live experts of %s)", peer_id[-8:], stage,
+                         self.stages)
+                cfg = self.config = replace(cfg, stage=stage)
+            allowlist = self._allowlist
 
             def make_sync(config: Any, solo: bool, caller: Optional[str]) -> DiLoCoSync:
                 outer = allowlist.resolve(config.outer_optimizer, caller) if config.outer_optimizer else None
@@ -112,10 +141,12 @@ class ExpertServer:
                     known = [name for name in inspect.signature(outer).parameters if name not in ("params", "lr")]
                     config = replace(config, outer_optimizer_kwargs=plain_hparams(
                         config.outer_optimizer_kwargs, known, "DiLoCoConfig.outer_optimizer_kwargs"))
-                return DiLoCoSync(backend.trainable_params(), config, dht=dht, prefix=prefix, solo=solo,
+                assert self.servicer is not None
+                return DiLoCoSync(self.servicer.backend.trainable_params(), config, dht=dht,
+                                  prefix=group_prefix(self.config.experiment, self.config.stage), solo=solo,
                                   outer_optimizer_cls=outer)
 
-            self.servicer = ExpertServicer(backend, dht.peer_id.to_base58(), config=cfg, make_sync=make_sync,
+            self.servicer = ExpertServicer(self._backend(cfg.stage), peer_id, config=cfg, make_sync=make_sync,
                                            on_fatal=self._fail)
             heartbeat = threading.Thread(target=self._heartbeat, args=(dht,), name="distqat-heartbeat", daemon=True)
             asyncio.run(self._serve(dht, heartbeat))
@@ -126,9 +157,9 @@ class ExpertServer:
             if self.servicer is not None:
                 self.servicer.shutdown()
             dht.shutdown()
-            log.info("expert for stage '%s' stopped", cfg.stage)
+            log.info("expert for stage '%s' stopped", self.config.stage)
         if self._fatal is not None:
-            raise RuntimeError(f"expert for stage '{cfg.stage}' stopped: its stage raised "
+            raise RuntimeError(f"expert for stage '{self.config.stage}' stopped: its stage raised "
                                f"{type(self._fatal).__name__}") from self._fatal
 
     async def _serve(self, dht: Any, heartbeat: threading.Thread) -> None:
@@ -140,8 +171,10 @@ class ExpertServer:
             self._loop.add_signal_handler(signal.SIGINT, self._stop.set)
             self._loop.add_signal_handler(signal.SIGTERM, self.leave)
         p2p = await dht.replicate_p2p()
+        self._p2p, self._dht = p2p, dht
         await self.servicer.add_p2p_handlers(p2p)
         try:
+            await self._warm_start()
             self._announce(dht)
             heartbeat.start()
             maddrs = [str(m) for m in dht.get_visible_maddrs()]
@@ -180,10 +213,98 @@ class ExpertServer:
         if not ok:
             log.warning("expert for stage '%s' could not store its DHT record (no DHT peers reachable?)", record.stage)
 
+    def _backend(self, stage: str) -> StageBackend:
+        cfg = self.config
+        module = self.module if self.model is None else self.model.get_submodule(stage)
+        return StageBackend(stage, module, device=cfg.device, max_pending=cfg.max_pending_backward,
+                            max_pending_bytes=cfg.max_pending_bytes, allowlist=self._allowlist)
+
+    def _directory(self, dht: Any) -> list[ExpertRecord]:
+        """The live experts of the experiment: their records, less those a trainer saw die (their records may not
+        have expired yet)."""
+        found = dht.get(experts_key(self.config.experiment), latest=True)
+        gone = dht.get(gone_key(self.config.experiment), latest=True)
+        dead = gone_peers(gone.value) if gone is not None else set()
+        records = []
+        for item in (found.value.values() if found is not None and isinstance(found.value, dict) else []):
+            try:
+                record = ExpertRecord.from_dict(getattr(item, "value", None))
+            except RecordError:
+                continue  # whatever a stranger stored: skipped
+            if record.peer_id not in dead or record.peer_id == dht.peer_id.to_base58():  # it counts itself
+                records.append(record)
+        return records
+
+    def _rebalance(self, dht: Any) -> None:
+        """One check (heartbeat thread): move to a stage that lacks experts when the plan says this expert should,
+        after the gap lasted ``rebalance_patience`` checks and a jittered second look still shows it."""
+        assert self.servicer is not None
+        if self.model is None or not self.config.rebalance or self.servicer.leaving:
+            return
+        me = self.servicer.peer_id
+        target = self.moves.check(planned_move(self.stages, self._directory(dht), me), time.monotonic())
+        if target is None:
+            return
+        if self._heartbeat_stop.wait(random.uniform(0, self.config.heartbeat_period)):
+            return
+        if planned_move(self.stages, self._directory(dht), me) != target:
+            return  # someone else filled it, or the gap closed
+        assert self._loop is not None
+        moved = asyncio.run_coroutine_threadsafe(self._move(target), self._loop).result(timeout=60)
+        if moved:
+            self.moves.moved(time.monotonic())
+            self._announce(dht)
+
+    async def _warm_start(self) -> None:
+        """Load the newest state of this expert's stage from a parameter mirror of the experiment, if one announces
+        itself and has it (``ExpertConfig.warm_start``); a trainer that claims the expert may still replace it."""
+        assert self.servicer is not None
+        if not self.config.warm_start or self._p2p is None:
+            return
+        from lightning_distqat.mirror import fetch_from_mirrors
+
+        backend = self.servicer.backend
+        try:
+            found = await fetch_from_mirrors(self._p2p, self._dht, self.config.experiment, backend.name,
+                                             backend.fingerprint, self.config.access_token)
+        except Exception:  # noqa: BLE001 - no mirror, or one that cannot answer: random init stays
+            log.debug("no warm start from a mirror", exc_info=True)
+            return
+        if found is None:
+            return
+        state, header = found
+        try:
+            await self.servicer._run(self.servicer._set_state, {k: v for k, v in state.items() if k != "optimizers"})
+        except Exception as e:  # noqa: BLE001 - a state that does not fit: random init stays
+            log.warning("expert for stage '%s': the mirror's state does not fit (%s)", backend.name, e)
+            return
+        log.info("expert …%s warm-started stage '%s' from a mirror (its state of %s, DiLoCo round %s)",
+                 self.servicer.peer_id[-8:], backend.name,
+                 time.strftime("%H:%M:%S", time.localtime(header.get("time", 0))), header.get("round"))
+
+    async def _move(self, target: str) -> bool:
+        """Serve ``target`` instead (on the event loop, so that no claim races it): only while unleased."""
+        assert self.servicer is not None
+        old = self.config.stage
+        if self.servicer.lease_holder is not None or self.servicer.leaving:
+            return False
+        backend = await asyncio.get_running_loop().run_in_executor(None, self._backend, target)
+        if self.servicer.lease_holder is not None:  # claimed meanwhile: stay
+            return False
+        sync = self.servicer.serve(backend)
+        self.config = replace(self.config, stage=target)
+        if sync is not None:
+            await asyncio.get_running_loop().run_in_executor(None, sync.shutdown)
+        await self._warm_start()
+        log.info("expert …%s moved from stage '%s' to stage '%s', which lacked experts", self.servicer.peer_id[-8:],
+                 old, target)
+        return True
+
     def _heartbeat(self, dht: Any) -> None:
         while not self._heartbeat_stop.wait(self.config.heartbeat_period):
             try:
                 self._announce(dht)
+                self._rebalance(dht)
             except Exception:  # noqa: BLE001 - a missed heartbeat is logged; the next one may go through
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -74,6 +74,14 @@ class ExpertServicer(ServicerBase):
         self.requests_served = 0
         self.requests_failed = 0
 
+    def serve(self, backend: StageBackend) -> Optional[DiLoCoSync]:
+        """Host another stage from now on (the expert moved; call on the event loop while unleased). Returns the last
+        stage's DiLoCo sync, for the caller to shut down off the loop."""
+        sync, self.diloco = self.diloco, None
+        self._diloco_config = self._pending_outer = self._last_holder = None
+        self.backend = backend
+        return sync
+
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
         if self.diloco is not None:
@@ -121,7 +129,7 @@ class ExpertServicer(ServicerBase):
         if self.leaving and not (what in ("get_state", "info") or (what == "claim" and header.get("ttl") == 0)):
             raise Leaving("this expert is leaving (SIGTERM): it takes no new work; its lease holder may still take "
                           "its state (get_state) and release it")
-        if leased and self.lease_holder != caller:
+        if leased and self.lease_holder != caller and not (what == "get_state" and caller in self.config.mirror_peers):
             raise StageError("this call needs the expert's lease, which the caller does not hold (claim a free "
                              "expert first)")
 
@@ -357,6 +365,7 @@ class ExpertServicer(ServicerBase):
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise StageError(f"the outer state does not fit stage '{self.backend.name}' ({e})") from None
         self.diloco = sync.start(newer_only=pending is not None)
+        self.diloco.listen_next_round = header.get("listen_first") is True
         self._diloco_config = config
         return {"round": self.diloco.state.round}
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from lightning_distqat.config import SwarmConfig
 from lightning_distqat.swarm.dht import AsyncRunner, start_dht
-from lightning_distqat.swarm.records import ExpertRecord, RecordError, experts_key
+from hivemind.utils import get_dht_time
+
+from lightning_distqat.swarm.records import (MAX_GONE, ExpertRecord, RecordError, experts_key, gone_key,
+                                             local_owner_key)
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
 
 __all__ = ["SwarmClient", "rank_candidates", "PipelineUnavailableError"]
@@ -44,11 +47,11 @@ class SwarmClient:
         self._renewer: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "SwarmClient":
-        """Start this trainer's DHT node (joining ``initial_peers``) and its P2P handle; on failure nothing is left
-        running."""
+    def start(self, **dht_kwargs: Any) -> "SwarmClient":
+        """Start this trainer's DHT node (joining ``initial_peers``; ``dht_kwargs`` go to hivemind's DHT, e.g.
+        ``identity_path`` for a stable peer id) and its P2P handle; on failure nothing is left running."""
         self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs,
-                             experiment=self.config.experiment, access_token=self.config.access_token)
+                             experiment=self.config.experiment, access_token=self.config.access_token, **dht_kwargs)
         try:
             self.runner = AsyncRunner(name="distqat-trainer-p2p").start()
             self.p2p = self.runner.run(self.dht.replicate_p2p(), timeout=30)
@@ -143,6 +146,7 @@ class SwarmClient:
         self.gone.add(gone.peer_id)
         if self.held.get(stage) is gone:
             del self.held[stage]
+        self._tell_gone(timeout)
         self._release(gone, timeout=2)  # a leaving expert waits for its holder to let go
         log.warning("stage '%s': expert …%s %s, waiting up to %.0f s for a replacement", stage, gone.peer_id[-8:],
                     cause, timeout)
@@ -166,6 +170,16 @@ class SwarmClient:
                     f"announced, {free} of them free). Start more experts for this stage (distqat-expert), or "
                     "spare_experts=k for an embedded swarm.")
             poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _tell_gone(self, ttl: float) -> None:
+        """Publish (signed, under this trainer's own subkey) the experts it saw die or leave, so that experts placing
+        themselves do not count them while their records have not expired yet."""
+        try:
+            self.dht.store(gone_key(self.config.experiment), subkey=local_owner_key(),
+                           value={"peers": sorted(self.gone)[-MAX_GONE:]},
+                           expiration_time=get_dht_time() + max(ttl, 60.0))
+        except Exception:  # noqa: BLE001 - a hint only: placement still works once the records expire
+            log.debug("could not publish the gone experts", exc_info=True)
 
     def _try_claim(self, stage: str, fingerprint: str, record: ExpertRecord) -> Optional[ExpertHandle]:
         try:

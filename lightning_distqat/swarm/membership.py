@@ -114,7 +114,7 @@ class SwarmMembership:
                 self.pipeline = RemotePipeline(self.originals, handles, quant=self.quant, replacer=replacer,
                                                mirror_every=cfg.mirror_every)
                 stack.callback(self.pipeline.close)
-                if self.joined_swarm:  # its experts have weights of their own
+                if self.joined_swarm and cfg.seed_experts:  # its experts have weights of their own
                     self.pipeline.seed()
                 self.timings["claim"] = time.monotonic() - claimed
             self._stack = stack.pop_all()
@@ -153,7 +153,7 @@ class SwarmMembership:
             call=self.pipeline.call if self.pipeline is not None else None,
         )
         if self.pipeline is not None:  # a replacement joins its stage's averaging group before it replays
-            self.pipeline.on_replaced.append(self.rounds.join)
+            self.pipeline.on_replaced.append(self.rounds.join_replacement)
         self._stack.callback(self.rounds.finish, keep_outer=False)  # idempotent: stops averaging on any exit
         start = self.rounds.start(restore)
         if self.rendezvous is not None:

@@ -81,9 +81,9 @@ class RemotePipeline:
         """The user's optimizers, split into their local part and one part per stage (by ``id(optimizer)``)."""
         self.replacer = replacer
         self.mirror_every = mirror_every
-        self.on_replaced: list[Callable[[str, ExpertHandle], None]] = []
+        self.on_replaced: list[Callable[[str, ExpertHandle], Optional[str]]] = []
         """Called with (stage, new handle) after a replacement got the stage's state, before the journal replays
-        (DiLoCo joins the stage's averaging group there)."""
+        (DiLoCo joins the stage's averaging group there); may return a note for the log."""
         self.failovers: list[dict[str, Any]] = []
         """One entry per replaced expert: stage, old and new peer id, cause, state source, seconds it took."""
         self._specs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -160,8 +160,7 @@ class RemotePipeline:
                 try:
                     new.configure(self._specs.get(stage, {}), qat=self._qat(stage))
                     new.set_state(state)
-                    for hook in self.on_replaced:
-                        hook(stage, new)
+                    notes = [note for hook in self.on_replaced if (note := hook(stage, new))]
                     self._replay(stage, new)
                     break
                 except ExpertUnavailableError as e:  # the replacement died too: the next one
@@ -169,6 +168,7 @@ class RemotePipeline:
             else:
                 raise ExpertUnavailableError(f"stage '{stage}': {MAX_FAILOVERS_PER_CALL} replacements in a row "
                                              "died while taking over") from error
+            source = "; ".join([source, *notes])
             old = self.handles[stage]
             self.replace(stage, new)
             took = time.monotonic() - started

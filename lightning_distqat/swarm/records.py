@@ -26,8 +26,8 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from torch import nn
 
-__all__ = ["ExpertRecord", "stage_fingerprint", "experts_key", "RecordError", "record_validators", "local_owner_key",
-           "ExpirationCap", "MAX_RECORD_TTL"]
+__all__ = ["ExpertRecord", "stage_fingerprint", "experts_key", "gone_key", "gone_peers", "mirror_key", "RecordError",
+           "record_validators", "local_owner_key", "ExpirationCap", "MAX_RECORD_TTL"]
 
 MAX_RECORD_TTL = 600.0
 """Longest lifetime (seconds from now) that a node accepts for any record of ours."""
@@ -53,6 +53,31 @@ def stage_fingerprint(module: nn.Module) -> str:
 def experts_key(experiment: str) -> str:
     """The DHT key under which every expert of ``experiment`` announces itself (one signed subkey per expert)."""
     return f"{experiment}_experts"
+
+
+def gone_key(experiment: str) -> str:
+    """The DHT key under which trainers say which experts of ``experiment`` they saw die (one signed subkey per
+    trainer): experts that place themselves do not count those, even while their records have not expired."""
+    return f"{experiment}_gone"
+
+
+def gone_peers(value: Any) -> set[str]:
+    """The peer ids of a ``gone`` directory as read from the DHT (what does not parse is skipped)."""
+    peers: set[str] = set()
+    for item in (value.values() if isinstance(value, dict) else []):
+        listed = getattr(item, "value", None)
+        if isinstance(listed, dict) and isinstance(listed.get("peers"), list):
+            peers.update(p for p in listed["peers"][:MAX_GONE] if isinstance(p, str) and 0 < len(p) <= 128)
+    return peers
+
+
+def mirror_key(experiment: str) -> str:
+    """The DHT key under which parameter mirrors of ``experiment`` announce themselves (one signed subkey each)."""
+    return f"{experiment}_mirrors"
+
+
+MAX_GONE = 64
+"""Most peer ids one trainer lists as gone."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,10 +126,22 @@ class _RecordModel(pydantic.BaseModel):
     leased: pydantic.StrictBool
 
 
+class _GoneModel(pydantic.BaseModel):
+    peers: pydantic.conlist(pydantic.constr(strict=True, min_length=1, max_length=128),  # type: ignore[valid-type]
+                            max_items=MAX_GONE)
+
+
+class _MirrorModel(pydantic.BaseModel):
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # type: ignore[valid-type]
+
+
 class _DirectorySchema(pydantic.BaseModel):
-    """``<experiment>_experts``: one record per owner-marked subkey."""
+    """``<experiment>_experts``: one record per owner-marked subkey; ``<experiment>_gone``: per trainer, the experts
+    it saw die."""
 
     experts: dict[BytesWithPublicKey, _RecordModel]  # type: ignore[valid-type]
+    gone: dict[BytesWithPublicKey, _GoneModel]  # type: ignore[valid-type]
+    mirrors: dict[BytesWithPublicKey, _MirrorModel]  # type: ignore[valid-type]
 
 
 class ExpirationCap(RecordValidatorBase):
@@ -119,17 +156,17 @@ class ExpirationCap(RecordValidatorBase):
 
 
 class OwnerSubkeyOnly(RecordValidatorBase):
-    """Under ``<experiment>_experts``, a subkey is exactly one ``[owner:...]`` marker and nothing else: one record per
-    key pair (``RSASignatureValidator`` alone would let an owner add any number of subkeys that contain its
-    marker)."""
+    """Under ``<experiment>_experts`` and ``<experiment>_gone``, a subkey is exactly one ``[owner:...]`` marker and
+    nothing else: one record per key pair (``RSASignatureValidator`` alone would let an owner add any number of
+    subkeys that contain its marker)."""
 
     _MARKER = re.compile(rb"\[owner:[^\]]+\]")
 
     def __init__(self, experiment: str) -> None:
-        self._key = DHTID.generate(source=experts_key(experiment)).to_bytes()
+        self._keys = {DHTID.generate(source=key(experiment)).to_bytes() for key in (experts_key, gone_key, mirror_key)}
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.key != self._key:
+        if record.key not in self._keys:
             return True
         try:
             subkey = MSGPackSerializer.loads(record.subkey) if record.subkey is not None else None
@@ -138,7 +175,7 @@ class OwnerSubkeyOnly(RecordValidatorBase):
         return isinstance(subkey, bytes) and self._MARKER.fullmatch(subkey) is not None
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        return isinstance(other, OwnerSubkeyOnly) and other._key == self._key
+        return isinstance(other, OwnerSubkeyOnly) and other._keys == self._keys
 
 
 def record_validators(experiment: Optional[str]) -> list[RecordValidatorBase]:
