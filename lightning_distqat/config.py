@@ -161,8 +161,8 @@ class ExpertConfig:
     holding its lease."""
 
     warm_start: bool = True
-    """When the expert takes a stage (at start or after a move), load that stage's newest state from a parameter
-    mirror of the experiment, if one announces itself and has the stage."""
+    """When the expert takes a stage (at start or after a move), load that stage's newest state from one of the
+    ``mirror_peers`` that announces itself and has the stage."""
 
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)

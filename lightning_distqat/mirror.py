@@ -79,10 +79,11 @@ class MirrorServicer(ServicerBase):
 
 
 async def fetch_from_mirrors(p2p: Any, dht: Any, experiment: str, stage: str, fingerprint: str,
-                             access_token: Optional[str] = None, timeout: float = 30.0
-                             ) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+                             access_token: Optional[str] = None, timeout: float = 30.0,
+                             trusted: Optional[set[str]] = None) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
     """The newest state of ``stage`` (with this ``fingerprint``) that a mirror of ``experiment`` announced in the DHT
-    serves, with its header (round, time), or None. Whatever does not parse or fit is skipped."""
+    serves, with its header (round, time), or None. Only mirrors in ``trusted`` are asked (None: any announced one).
+    Whatever does not parse or fit is skipped."""
     from hivemind.p2p import PeerID
 
     found = await asyncio.get_running_loop().run_in_executor(None, lambda: dht.get(mirror_key(experiment),
@@ -90,7 +91,8 @@ async def fetch_from_mirrors(p2p: Any, dht: Any, experiment: str, stage: str, fi
     peers = []
     for item in (found.value.values() if found is not None and isinstance(found.value, dict) else []):
         value = getattr(item, "value", None)
-        if isinstance(value, dict) and isinstance(value.get("peer_id"), str):
+        if isinstance(value, dict) and isinstance(value.get("peer_id"), str) and (
+                trusted is None or value["peer_id"] in trusted):
             peers.append(value["peer_id"])
     best = None
     for peer in peers:

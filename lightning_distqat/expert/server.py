@@ -259,14 +259,15 @@ class ExpertServer:
         """Load the newest state of this expert's stage from a parameter mirror of the experiment, if one announces
         itself and has it (``ExpertConfig.warm_start``); a trainer that claims the expert may still replace it."""
         assert self.servicer is not None
-        if not self.config.warm_start or self._p2p is None:
-            return
+        if not self.config.warm_start or not self.config.mirror_peers or self._p2p is None:
+            return  # only mirrors that the expert's owner trusts (mirror_peers) may set its weights
         from lightning_distqat.mirror import fetch_from_mirrors
 
         backend = self.servicer.backend
         try:
             found = await fetch_from_mirrors(self._p2p, self._dht, self.config.experiment, backend.name,
-                                             backend.fingerprint, self.config.access_token)
+                                             backend.fingerprint, self.config.access_token,
+                                             trusted=set(self.config.mirror_peers))
         except Exception:  # noqa: BLE001 - no mirror, or one that cannot answer: random init stays
             log.debug("no warm start from a mirror", exc_info=True)
             return
