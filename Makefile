@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python examples/resnet_embedded.py
+	$(BIN)/distqat-train require_progress=true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --durations=15

@@ -146,9 +146,11 @@ def test_ctrl_c_of_a_trainer_with_an_embedded_server(tmp_path):
 @pytest.mark.timeout(420)
 @pytest.mark.swarm
 def test_main_job_trains_from_the_data_server(tmp_path):
-    """`make run`'s job, one epoch: ResNet-18 on 4 embedded experts, fed by the embedded shared-memory data server."""
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "resnet_embedded.py"), "--epochs", "1"],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=170)
+    """`make run`'s job (`distqat-train` with its default config), one epoch: ResNet-18 on 4 embedded experts, fed by
+    the embedded shared-memory data server."""
+    result = subprocess.run([str(Path(sys.executable).with_name("distqat-train")), "trainer.max_epochs=1",
+                             "require_progress=true"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=170)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Data server (embedded, pid" in output, output[-4000:]

@@ -1,0 +1,74 @@
+"""``distqat-train``: train a LightningModule through the swarm from config (a Hydra app over ``conf/train.yaml``).
+
+Composes ``model``, ``data`` (the shared-memory data server), ``quant`` and ``diloco`` groups, builds the module, the
+datamodule and a Lightning ``Trainer`` with :class:`~lightning_distqat.DistqatStrategy`, trains, prints the closing
+summary and writes it to ``summary.json`` in the job's folder (with Hydra's resolved config in ``.hydra/``).
+Multirun (``-m``) runs one job per combination, each in its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["build", "train", "main"]
+
+
+def _optional(node: Any) -> Optional[Any]:
+    """A config group that may be switched off: an option without ``_target_`` (``diloco: none``) is None."""
+    if node is None or (isinstance(node, DictConfig) and "_target_" not in node):
+        return None
+    return instantiate(node, _convert_="all")
+
+
+def build(cfg: DictConfig, output_dir: str) -> tuple[Any, Any, Any, Any]:
+    """The module, the datamodule, the Trainer and its summary callback that ``cfg`` describes."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_distqat import DistqatStrategy, SharedMemoryDataModule
+    from lightning_distqat.callbacks import TrainingSummary
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    model = instantiate(cfg.model)
+    data = SharedMemoryDataModule(instantiate(cfg.data, _convert_="all"))
+    stages = list(cfg.stages) if cfg.stages is not None else list(getattr(model, "STAGES", []))
+    if not stages:
+        raise SystemExit(f"distqat-train: {type(model).__name__} has no STAGES; give them: 'stages=[a,b]'")
+    strategy = DistqatStrategy(stages=stages, swarm=instantiate(cfg.swarm, _convert_="all"),
+                               quant=_optional(cfg.quant), diloco=_optional(cfg.diloco))
+    summary = TrainingSummary()
+    logger = CSVLogger(output_dir, name="", version="") if cfg.logger == "csv" else False
+    trainer = pl.Trainer(strategy=strategy, logger=logger, callbacks=[summary],
+                         **OmegaConf.to_container(cfg.trainer, resolve=True))
+    return model, data, trainer, summary
+
+
+def train(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
+    """Build and fit; returns the summary (also written to ``output_dir/summary.json``)."""
+    model, data, trainer, summary = build(cfg, output_dir)
+    trainer.fit(model, datamodule=data)
+    result = dict(summary.summary)
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    first, final = result.get("first_loss"), result.get("final_loss")
+    if cfg.require_progress and first is not None and final is not None and final >= first:
+        raise SystemExit(f"distqat-train: the training loss did not go down ({first:.4f} -> {final:.4f})")
+    return result
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("lightning_distqat").setLevel(logging.INFO)
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

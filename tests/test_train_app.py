@@ -1,0 +1,81 @@
+"""`distqat-train`: every config group composes and instantiates, and a two-value multirun runs two jobs, each in
+its own folder with its summary and its resolved config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lightning_distqat.cli.train import _optional
+from lightning_distqat.config import DataConfig, QuantConfig, SwarmConfig
+from lightning_distqat.diloco.config import DiLoCoConfig
+
+CONF = Path(__file__).resolve().parents[1] / "lightning_distqat" / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", _options("model"))
+@pytest.mark.parametrize("data", _options("data"))
+def test_every_model_and_data_option_composes_and_instantiates(model, data):
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose("train", overrides=[f"model={model}", f"data={data}"])
+    module = instantiate(cfg.model)
+    assert list(getattr(module, "STAGES"))
+    if OmegaConf.is_missing(cfg.data, "source"):  # presets for the user's own files name no source
+        cfg.data.source = "data/my_files"
+    assert isinstance(instantiate(cfg.data, _convert_="all"), DataConfig)
+    assert isinstance(instantiate(cfg.swarm, _convert_="all"), SwarmConfig)
+
+
+@pytest.mark.parametrize("quant", _options("quant"))
+@pytest.mark.parametrize("diloco", _options("diloco"))
+def test_every_quant_and_diloco_option_composes_and_instantiates(quant, diloco):
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose("train", overrides=[f"quant={quant}", f"diloco={diloco}", "diloco.inner_steps=10"
+                                          if diloco != "none" else "seed=1"])
+    assert isinstance(_optional(cfg.quant), QuantConfig)
+    made = _optional(cfg.diloco)
+    assert made is None if diloco == "none" else isinstance(made, DiLoCoConfig) and made.inner_steps == 10
+
+
+@pytest.mark.parametrize("app", ["expert", "data_server", "mirror"])
+def test_the_other_roles_configs_compose(app):
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose(app)
+    key = {"expert": "expert", "data_server": "data", "mirror": "mirror"}[app]
+    assert instantiate(cfg[key], _convert_="all") is not None
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_a_two_value_multirun_runs_two_jobs_in_their_own_folders(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("distqat-train")), "-m", "model=mlp_tiny", "data.image_size=8",
+         "trainer.max_steps=3", "trainer.max_epochs=1", "experiment=sweep-test", "seed=0,1",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"], jobs
+    seeds = []
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["steps"] == 3 and summary["final_loss"] is not None
+        resolved = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        seeds.append(resolved["seed"])
+        assert resolved["model"]["_target_"] == "lightning_distqat.models.MLPClassifier"
+    assert seeds == [0, 1]
