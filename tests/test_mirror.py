@@ -56,7 +56,11 @@ def test_the_mirror_checkpoints_the_swarm_and_a_new_swarm_restarts_from_it(tmp_p
             _peer_of(experts[-1][1])
         trained, _ = fit_params(_make, _mlp_loader, max_steps=6, strategy=DistqatStrategy(
             stages=STAGES, initial_peers=[peer], experiment="mirrored", swarm=SwarmConfig(request_timeout=20)))
-        time.sleep(3 * config.refresh_every)  # a pull after the last step
+        fitted = time.time()
+        deadline = time.monotonic() + 30  # a checkpoint from a pull after the last step
+        while not ((path := latest_checkpoint(config.checkpoint_dir)) and float(Path(path).stem[7:]) > fitted + 0.1):
+            assert time.monotonic() < deadline, "the mirror wrote no checkpoint after training"
+            time.sleep(0.2)
         files = sorted(os.listdir(config.checkpoint_dir))
         assert 1 <= len(files) <= 2 and not any(f.endswith(".tmp") for f in files), files
         newest = latest_checkpoint(config.checkpoint_dir)
