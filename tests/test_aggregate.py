@@ -147,3 +147,38 @@ def test_a_peers_outer_state_is_checked_and_keeps_our_hyperparameters():
             assert why in str(e), (why, e)
         else:
             raise AssertionError(f"a peer state with {why} was accepted")
+
+
+def test_a_replica_behind_its_group_or_a_listener_that_differs_adopts_the_groups_round():
+    from lightning_distqat.diloco.config import DiLoCoConfig
+    from lightning_distqat.diloco.outer import OuterState
+    from lightning_distqat.diloco.sync import catch_up_round
+
+    config = DiLoCoConfig()
+    a, b = OuterState([torch.ones(3)], config), OuterState([torch.ones(3)], config)
+    assert a.digest() == b.digest()
+    a.apply([torch.full((3,), 0.1)])
+    assert a.digest() != b.digest()
+    b.apply([torch.full((3,), 0.1)])
+    assert a.digest() == b.digest()  # the same steps: bit for bit the same, momentum included
+    b.optimizer.state[b.outer[0]]["momentum_buffer"].add_(1e-3)
+    assert a.digest() != b.digest()  # the outer optimizer's state counts
+
+    def said(round_, digest=b"x" * 16):  # noqa: ANN001, ANN202
+        return {"round": round_, "digest": digest}
+
+    same = {"me": said(3), "you": said(3)}
+    assert catch_up_round("me", same, ["me", "you"], listening=False) is None
+    assert catch_up_round("me", same, ["you"], listening=True) is None
+    behind = {"me": said(2), "you": said(3)}
+    assert catch_up_round("me", behind, ["me", "you"], listening=False) == 4
+    assert catch_up_round("me", behind, ["you"], listening=True) == 4
+    differs = {"me": said(3, b"y" * 16), "you": said(3)}
+    assert catch_up_round("me", differs, ["you"], listening=True) == 4
+    assert catch_up_round("me", differs, ["me", "you"], listening=False) is None  # a contributor: the others agree
+    assert catch_up_round("me", {"me": said(5), "you": said(3)}, ["me", "you"], listening=False) is None  # ahead
+    # what a member announced in a wrong shape counts for nothing; nor do members left out of the aggregate
+    for junk in (None, 7, {"round": "9"}, {"round": 9}, {"round": 2**40, "digest": b""}, {"round": True, "digest": b""}):
+        assert catch_up_round("me", {"me": said(2), "you": junk}, ["me", "you"], listening=False) is None
+    assert catch_up_round("me", {"me": said(2), "you": said(9)}, ["me"], listening=False) is None
+    assert catch_up_round("me", {"you": said(9)}, ["me", "you"], listening=False) is None

@@ -125,6 +125,22 @@ def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
     assert all(torch.isfinite(p).all() for p in model_a.parameters())
     assert any(g.abs().sum() > 0 for g in expected)
 
+    # b is a round behind (it missed round 1). In the next round it contributes, but applying the group's aggregate
+    # to its round-0 outer state would leave it apart from a: it adopts a's round 2 instead. Then b listens (as a
+    # replacement does in its first round) with an outer state that differs from a's at the same round: same again.
+    for r, listening in ((2, False), (3, True)):
+        if listening:
+            with torch.no_grad():
+                b.state.outer[0].add_(0.5)
+            b.listen_next_round = True
+        _inner_steps(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), 2 * r, 2)
+        reports = _in_parallel(lambda: a.round(samples=16), lambda: b.round(samples=16))
+        assert [rep.group_size for rep in reports] == [2, 2], reports
+        assert a.state.round == b.state.round == r
+        assert a.state.digest() == b.state.digest(), f"round {r}: the replicas differ"
+        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.equal(pa, pb)
+
 
 def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):
     """The same round twice from the same start, with fp32 and with int8 pseudo-gradients (fp32 accumulation)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -67,6 +68,17 @@ class OuterState:
     def checksum(self) -> float:
         """A float64 sum over the outer params: replicas that agree have (nearly) equal checksums."""
         return float(sum(o.detach().double().sum() for o in self.outer))
+
+    def digest(self) -> bytes:
+        """A 16-byte hash of the round, the outer params and the outer optimizer's tensors: replicas with equal
+        digests hold the same outer state bit for bit."""
+        h = hashlib.blake2b(str(self.round).encode(), digest_size=16)
+        slots = self.optimizer.state_dict()["state"]
+        tensors = list(self.outer) + [v for i in sorted(slots) for _, v in sorted(slots[i].items())
+                                      if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.digest()
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "outer": [o.detach().clone() for o in self.outer],

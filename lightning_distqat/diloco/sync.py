@@ -9,6 +9,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
@@ -30,7 +31,7 @@ from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.diloco.outer import OuterState
 from lightning_distqat.swarm.messages import state_to_tensor, tensor_to_state
 
-__all__ = ["DiLoCoSync", "RoundReport"]
+__all__ = ["DiLoCoSync", "RoundReport", "catch_up_round"]
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +288,9 @@ class DiLoCoSync:
             self._averager.stop()
             self._averager = None
 
-    def _load_from_peers(self, *, newer_only: bool = True) -> bool:
+    def _load_from_peers(self, *, newer_only: bool = True, min_round: int = 0) -> bool:
         """Adopt a peer's outer state: at start any peer's (so a late joiner starts where the others are), later only
-        a newer one (a round this replica missed)."""
+        a newer one (a round this replica missed), and never one of a round below ``min_round``."""
         assert self._averager is not None
         try:
             loaded = self._averager.load_state_from_peers(timeout=self.config.averaging_timeout)
@@ -301,7 +302,7 @@ class DiLoCoSync:
         metadata, tensors = loaded
         try:
             peer_round = int(metadata.get("round", 0))
-            if peer_round < self.state.round or (newer_only and peer_round == self.state.round):
+            if peer_round < max(self.state.round, min_round) or (newer_only and peer_round == self.state.round):
                 return False
             state = tensor_to_state(tensors[0])
             self._check_peer_state(state)
@@ -368,7 +369,7 @@ class DiLoCoSync:
             try:
                 group = self._averager.step(
                     weight=0.0 if listening else max(float(samples), 1e-6), timeout=self.config.averaging_timeout,
-                    allow_retries=False
+                    allow_retries=False, gather={"round": self.state.round, "digest": self.state.digest()},
                 )
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 error = "".join(traceback.format_exception_only(e)).strip()
@@ -377,7 +378,18 @@ class DiLoCoSync:
                             exc_info=True)
         nbytes = compressed_bytes(pseudo, self._compression)
         outcome = self._averager.last_outcome() if self._averager is not None else None
+        target = None
         if group and outcome is not None:
+            me = self._averager.peer_id.to_base58()
+            gathered = {str(peer): data for peer, data in group.items()} if isinstance(group, dict) else {}
+            target = catch_up_round(me, gathered, outcome["used"], listening=listening)
+        if target is not None and self._catch_up(target):
+            report = RoundReport(self.state.round, len(outcome["used"]) + len(outcome["listening"]), outcome["sent"],
+                                 outcome["received"], excluded=outcome["excluded"])
+        elif group and outcome is not None:
+            if target is not None:
+                log.warning("DiLoCo %s: no replica of the group sent its outer state of round %d in time; this one "
+                            "applies the group's aggregate to its own (older) outer state", self._prefix, target)
             with self._averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             self.state.apply(averaged)
@@ -395,3 +407,44 @@ class DiLoCoSync:
             report = RoundReport(self.state.round, 1, 0, 0, failed=error)
         self.reports.append(report)
         return report
+
+    def _catch_up(self, target: int) -> bool:
+        """Adopt the outer state of round ``target`` from a replica of the group (which takes a moment to apply the
+        round it just ran); polls until ``averaging_timeout``."""
+        log.info("DiLoCo %s: this replica's outer state (round %d) is not its group's; it adopts the group's round "
+                 "%d from a peer", self._prefix, self.state.round, target)
+        deadline = time.monotonic() + self.config.averaging_timeout
+        while True:
+            if self._load_from_peers(min_round=target):
+                return True
+            if time.monotonic() + 0.2 > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def catch_up_round(me: str, gathered: dict[str, Any], used: Sequence[str], *, listening: bool) -> Optional[int]:
+    """The round whose outer state this replica must adopt instead of applying its group's aggregate, or None.
+
+    ``gathered``: what each member announced for the round (``{"round": int, "digest": bytes}``; anything else is
+    ignored), ``used``: the members whose pseudo-gradients went into the aggregate. A replica behind the newest
+    contributor's round would apply the aggregate to an outdated outer state, and a listener (a replacement in its
+    first round) whose outer state matches no contributor's of that round would too: both adopt round + 1 from a
+    peer. A member that claims a higher round than it holds only costs the others a wait of ``averaging_timeout``.
+    """
+    def announced(peer: str) -> Optional[tuple[int, bytes]]:
+        data = gathered.get(peer)
+        if not isinstance(data, dict):
+            return None
+        round_, digest = data.get("round"), data.get("digest")
+        if type(round_) is not int or not 0 <= round_ < 2**31 or not isinstance(digest, bytes):
+            return None
+        return round_, digest
+
+    mine = announced(me)
+    others = [a for a in map(announced, (p for p in used if p != me)) if a is not None]
+    if mine is None or not others:
+        return None
+    newest = max(round_ for round_, _ in others)
+    if mine[0] < newest or (listening and mine[0] == newest and mine not in others):
+        return newest + 1
+    return None
