@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import ModelSummary as _LightningSummary
 from typing_extensions import override
 
-__all__ = ["SwarmMetrics", "SwarmModelSummary", "TrainingSummary", "DiLoCoInnerSteps"]
+__all__ = ["SwarmMetrics", "SwarmModelSummary", "TrainingSummary", "DiLoCoInnerSteps", "FleetTelemetry"]
 
 
 class SwarmMetrics(Callback):
@@ -55,6 +55,64 @@ class SwarmMetrics(Callback):
     def _log(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:
         for logger in trainer.loggers:  # as LearningRateMonitor does; loggers write on rank 0 only
             logger.log_metrics(metrics, step=step)
+
+
+class FleetTelemetry(Callback):
+    """Publishes this trainer's numbers (:class:`~lightning_distqat.swarm.records.TrainerTelemetry`: loss, samples/s,
+    DiLoCo round and group size, wire bytes, its experts) to the DHT under ``<experiment>_metrics`` every
+    ``telemetry_period`` seconds, signed under its own subkey; ``distqat-monitor`` reads them.
+    :class:`~lightning_distqat.DistqatStrategy` adds one when the trainer is in a swarm."""
+
+    def __init__(self, dht: Any, experiment: str, name: str, period: float) -> None:
+        self._dht, self._experiment, self._name, self._period = dht, experiment, name, period
+        self._step = self._samples = 0
+        self._loss = float("nan")
+        self._last: Optional[tuple[float, int]] = None
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._step = self._samples = 0
+        self._last = (time.monotonic(), 0)
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._step += 1
+        self._samples += _batch_size(batch)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None and hasattr(loss, "detach"):
+            self._loss = float(loss.detach())
+        if self._last is None or time.monotonic() - self._last[0] >= self._period:
+            self.publish(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.publish(trainer)
+
+    def publish(self, trainer: "pl.Trainer") -> None:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        from lightning_distqat.swarm.records import local_owner_key, metrics_key
+
+        now = time.monotonic()
+        since, samples_then = self._last or (now, 0)
+        self._last = (now, self._samples)
+        strategy = trainer.strategy
+        reports = getattr(strategy, "diloco_reports", None) or [{}]
+        wire = strategy.wire_bytes() if hasattr(strategy, "wire_bytes") else {}
+        experts = strategy.current_experts() if hasattr(strategy, "current_experts") else {}
+        value = {
+            "trainer": self._name[:128], "step": self._step, "loss": self._loss if abs(self._loss) != float("inf")
+            else float("nan"), "samples_per_s": (self._samples - samples_then) / (now - since) if now > since else 0.0,
+            "samples": self._samples, "round": int(reports[-1].get("round", 0)),
+            "group_size": int(reports[-1].get("group_size", 0)), "wire_bytes": int(sum(wire.values())),
+            "experts": [e["peer_id"] for e in experts.values()][:64],
+        }
+        try:
+            self._dht.store(metrics_key(self._experiment), subkey=local_owner_key(), value=value,
+                            expiration_time=get_dht_time() + max(30.0, 5 * self._period), return_future=True)
+        except Exception:  # noqa: BLE001 - telemetry must never stop training
+            pass
 
 
 class _Row:

@@ -9,8 +9,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-__all__ = ["SwarmConfig", "ExpertConfig", "MirrorConfig", "DataConfig", "QuantConfig", "WIRE_CODECS", "PSEUDO_GRADIENT_CODECS",
-           "QAT_SCHEMES"]
+__all__ = ["SwarmConfig", "ExpertConfig", "MirrorConfig", "MonitorConfig", "ClientConfig", "DataConfig", "QuantConfig", "WIRE_CODECS", "PSEUDO_GRADIENT_CODECS",
+           "QAT_SCHEMES", "peers_from"]
+
+def peers_from(value: Any, component: str) -> Optional[list[str]]:
+    """``initial_peers`` as a list of multiaddrs: a list of them, or ``"@path"`` (or a list holding ``"@path"``
+    items): a file with one multiaddr per line, as ``distqat-monitor`` writes ``logs/<experiment>/initial_peers.txt``.
+    None stays None."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    peers: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{component}: initial_peers must hold multiaddr strings or '@<file>', got {item!r}")
+        if item.startswith("@"):
+            try:
+                with open(item[1:]) as f:
+                    found = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except OSError as e:
+                raise ValueError(f"{component}: initial_peers file {item[1:]!r} cannot be read ({e.strerror}); "
+                                 "distqat-monitor writes logs/<experiment>/initial_peers.txt") from None
+            if not found:
+                raise ValueError(f"{component}: initial_peers file {item[1:]!r} lists no multiaddr")
+            peers += found
+        elif item.strip():
+            peers.append(item.strip())
+    return peers
+
 
 WIRE_CODECS = ("none", "fp16", "bf16", "int8", "int4")
 """Codecs of stage inputs, outputs and gradients on the wire (``quant/codecs.py``)."""
@@ -72,8 +98,20 @@ class SwarmConfig:
     """The experiment's shared secret: only peers that hold it can use its DHT and call its experts. ``None`` reads
     ``DISTQAT_ACCESS_TOKEN`` from the environment; unset there too, the experiment is open to anyone who finds it."""
 
+    trainer_name: Optional[str] = None
+    """This trainer's name in the fleet telemetry (``distqat-client`` names its trainers ``trainer-<k>``); None: its
+    peer id."""
+
+    telemetry_period: float = 2.0
+    """Seconds between two publications of this trainer's numbers under ``<experiment>_metrics`` in the DHT (loss,
+    samples/s, round, wire bytes; ``distqat-monitor`` reads them). 0 publishes none."""
+
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
+        self.initial_peers = peers_from(self.initial_peers, "SwarmConfig")
+        if not isinstance(self.telemetry_period, (int, float)) or not 0 <= self.telemetry_period < float("inf"):
+            raise ValueError(f"SwarmConfig: telemetry_period must be a number of seconds >= 0, got "
+                             f"{self.telemetry_period!r}")
         for name in ("spare_experts", "mirror_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -112,6 +150,10 @@ class ExpertConfig:
 
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     """Where the expert's libp2p host listens."""
+
+    announce_maddrs: list[str] = field(default_factory=list)
+    """What the expert tells others to dial (``/ip4/<public ip>/tcp/<port>``, behind NAT or port forwarding); empty:
+    the addresses it listens on. ``distqat-expert public_ip=...`` builds both."""
 
     device: str = "cpu"
     """Torch device for the stage's module."""
@@ -166,6 +208,7 @@ class ExpertConfig:
 
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
+        self.initial_peers = peers_from(self.initial_peers, "ExpertConfig") or []
 
 
 @dataclass(kw_only=True)
@@ -197,9 +240,91 @@ class MirrorConfig:
 
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
+        self.initial_peers = peers_from(self.initial_peers, "MirrorConfig") or []
         if not self.refresh_every > 0 or not isinstance(self.keep, int) or self.keep < 1:
             raise ValueError(f"MirrorConfig: refresh_every must be > 0 and keep an int >= 1, got "
                              f"{self.refresh_every!r}, {self.keep!r}")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    """``distqat-monitor``: where its DHT node listens, where it writes the peers file, what it reports where."""
+
+    experiment: str = "distqat"
+    stages: list[str] = field(default_factory=list)
+    """The model's stages (a stage without experts counts as missing); empty: the stages that experts announce."""
+    initial_peers: list[str] = field(default_factory=list)
+    """Empty: this monitor starts the experiment's DHT (the usual case); else it joins the one they name."""
+    public_ip: Optional[str] = None
+    """The address other machines reach this one at: the node listens on ``port`` and announces
+    ``/ip4/<public_ip>/tcp/<port>``. None: loopback only, on a free port."""
+    port: int = 50000
+    """TCP port of the DHT node when ``public_ip`` is set (0: a free one)."""
+    peers_file: Optional[str] = None
+    """Where the node's multiaddrs go, one per line. None: ``logs/<experiment>/initial_peers.txt``."""
+    period: float = 5.0
+    """Seconds between two reports."""
+    wandb: bool = True
+    """Report to Weights & Biases (``wandb`` offline when no API key is configured: the run can be synced later)."""
+    wandb_project: str = "distqat"
+    wandb_group: Optional[str] = None
+    """Run group shared with the experiment's trainers (``logger=wandb`` in ``distqat-train``). None: the experiment."""
+    wandb_mode: Optional[str] = None
+    """``online``, ``offline`` or ``disabled``; None: online when an API key is configured, else offline."""
+    wandb_dir: Optional[str] = None
+    """Parent of the ``wandb/`` run folder. None: ``logs/<experiment>``."""
+    console: bool = True
+    """Print the fleet table (refreshed in place on a terminal, one block per report otherwise)."""
+    duration: float = 0.0
+    """Stop after this many seconds (0: until Ctrl+C)."""
+    access_token: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.access_token = _token(self.access_token)
+        self.initial_peers = peers_from(self.initial_peers, "MonitorConfig") or []
+        if not isinstance(self.period, (int, float)) or not 0 < self.period < float("inf"):
+            raise ValueError(f"MonitorConfig: period must be a number of seconds > 0, got {self.period!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ValueError(f"MonitorConfig: port must be an int in [0, 65535], got {self.port!r}")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"MonitorConfig: wandb_mode must be online, offline, disabled or null, got "
+                             f"{self.wandb_mode!r}")
+
+
+@dataclass(kw_only=True)
+class ClientConfig:
+    """``distqat-client``: how many trainers this host runs, and how it restarts and stops them."""
+
+    experiment: str = "distqat"
+    initial_peers: list[str] = field(default_factory=list)
+    """Any peer of the swarm, or ``@logs/<experiment>/initial_peers.txt``."""
+    max_trainers: int = 1
+    """Trainers this host runs at most (one per complete pipeline); they are ``trainer-0 .. trainer-<n-1>`` and
+    share each epoch of the data server."""
+    poll: float = 2.0
+    """Seconds between two looks at the swarm."""
+    restart_backoff: float = 2.0
+    """Seconds before a crashed trainer starts again; doubles with every crash up to ``max_backoff``."""
+    max_backoff: float = 60.0
+    broken_timeout: float = 180.0
+    """A trainer that makes no step for this long (its pipeline broke and stays broken) is stopped; it starts again
+    when a complete pipeline is free."""
+    start_grace: float = 120.0
+    """Seconds a starting trainer counts as holding a pipeline before its telemetry shows its first step."""
+    exit_when_done: bool = False
+    """Exit once every trainer finished its training (``distqat-local``); else run until Ctrl+C."""
+    access_token: Optional[str] = field(default=None, repr=False)
+    """The experiment's secret (None: ``DISTQAT_ACCESS_TOKEN``); its trainers read it from the environment."""
+
+    def __post_init__(self) -> None:
+        self.access_token = _token(self.access_token)
+        self.initial_peers = peers_from(self.initial_peers, "ClientConfig") or []
+        if not isinstance(self.max_trainers, int) or isinstance(self.max_trainers, bool) or self.max_trainers < 1:
+            raise ValueError(f"ClientConfig: max_trainers must be an int >= 1, got {self.max_trainers!r}")
+        for name in ("poll", "restart_backoff", "max_backoff", "broken_timeout", "start_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"ClientConfig: {name} must be a number of seconds > 0, got {value!r}")
 
 
 @dataclass(kw_only=True)

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_distqat.callbacks import CountRemoteStages, DiLoCoCheckpointState, DiLoCoInnerSteps, SwarmMetrics
+from lightning_distqat.callbacks import (CountRemoteStages, DiLoCoCheckpointState, DiLoCoInnerSteps, FleetTelemetry,
+                                         SwarmMetrics)
 from lightning_distqat.config import QuantConfig, SwarmConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.plugins import ClipAcrossSwarm, mix_in
@@ -161,6 +162,11 @@ class DistqatStrategy(LocalRanksStrategy):
         self._callbacks = [DiLoCoInnerSteps(self._end_of_batch)]
         if not any(isinstance(c, SwarmMetrics) for c in trainer.callbacks):
             self._callbacks.append(SwarmMetrics())
+        client = self.membership.client if self.membership is not None else None
+        if client is not None and self.swarm_config.telemetry_period > 0 and self.global_rank == 0:
+            name = self.swarm_config.trainer_name or client.peer_id
+            self._callbacks.append(FleetTelemetry(client.dht, self.swarm_config.experiment, name,
+                                                  self.swarm_config.telemetry_period))
         trainer.callbacks.insert(0, self._callbacks[0])
         trainer.callbacks.extend(self._callbacks[1:])
         if self.diloco is not None and not any(isinstance(c, DiLoCoCheckpointState) for c in trainer.callbacks):

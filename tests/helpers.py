@@ -201,3 +201,38 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         else:
             assert torch.equal(a[k], b[k]), k
     return worst
+
+
+def read_wandb_history(wandb_dir) -> list[dict]:
+    """The logged rows (``run.log``) of every offline W&B run under ``wandb_dir``: the run files are LevelDB-style logs
+    (32 KiB blocks, 7-byte record headers) of ``Record`` protobufs after a 7-byte W&B header."""
+    import glob
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(glob.glob(f"{wandb_dir}/offline-run-*/run-*.wandb")):
+        raw = open(path, "rb").read()
+        assert raw[:4] == b":W&B", f"{path} is not a W&B run file"
+        pos, parts = 7, []
+        while pos + 7 <= len(raw):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+            if length == 0 and kind == 0:
+                pos += left
+                continue
+            parts.append(raw[pos + 7:pos + 7 + length])
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(b"".join(parts))
+                parts = []
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                 for item in record.history.item})
+    return rows

@@ -50,12 +50,57 @@ def test_every_quant_and_diloco_option_composes_and_instantiates(quant, diloco):
     assert made is None if diloco == "none" else isinstance(made, DiLoCoConfig) and made.inner_steps == 10
 
 
-@pytest.mark.parametrize("app", ["expert", "data_server", "mirror"])
+@pytest.mark.parametrize("trainer", _options("trainer"))
+@pytest.mark.parametrize("logger", _options("logger"))
+@pytest.mark.parametrize("strategy", _options("strategy"))
+def test_every_strategy_trainer_and_logger_option_builds_a_trainer(tmp_path, monkeypatch, strategy, logger, trainer):
+    """The whole build (module, datamodule, Trainer with its strategy and logger), without fitting."""
+    from lightning_distqat import DistqatStrategy
+    from lightning_distqat.cli.train import build
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose("train", overrides=[f"strategy={strategy}", f"logger={logger}", f"trainer={trainer}",
+                                          "model=mlp_tiny"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    _, _, pl_trainer, _ = build(cfg, str(tmp_path))
+    assert isinstance(pl_trainer.strategy, DistqatStrategy) == (strategy == "distqat")
+    names = {"csv": "CSVLogger", "wandb": "WandbLogger", "none": None}
+    assert (type(pl_trainer.logger).__name__ if pl_trainer.logger else None) == names[logger]
+    if logger == "wandb":
+        assert pl_trainer.logger._offline  # no API key here: offline, synced later
+        assert pl_trainer.logger._wandb_init["group"] == cfg.experiment  # the monitor's run group (its default)
+    assert pl_trainer.max_steps == OmegaConf.to_container(cfg.trainer)["max_steps"]
+
+
+@pytest.mark.parametrize("preset", _options("preset"))
+def test_every_preset_composes_and_the_readme_commands_compose(preset):
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose("train", overrides=[f"preset={preset}"])
+        assert cfg.model._target_ == "lightning_distqat.models.MLPClassifier" and cfg.data.image_size == 8
+        for overrides in (["diloco=default", "diloco.inner_steps=10", "quant=int8_wire"],
+                          ["initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/QmX]", "strategy=local"]):
+            other = compose("train", overrides=overrides)
+            assert instantiate(other.swarm, _convert_="all").experiment == other.experiment
+
+
+@pytest.mark.parametrize("app", ["expert", "data_server", "mirror", "monitor", "client"])
 def test_the_other_roles_configs_compose(app):
     with initialize_config_module("lightning_distqat.conf", version_base=None):
-        cfg = compose(app)
-    key = {"expert": "expert", "data_server": "data", "mirror": "mirror"}[app]
+        cfg = compose(app, overrides=["initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/QmX]"] if app == "client" else [])
+    key = {"expert": "expert", "data_server": "data", "mirror": "mirror", "monitor": "monitor", "client": "client"}[app]
     assert instantiate(cfg[key], _convert_="all") is not None
+
+
+def test_the_local_config_composes_and_names_its_trainers_overrides():
+    with initialize_config_module("lightning_distqat.conf", version_base=None):
+        cfg = compose("local")
+        assert cfg.trainers >= 1 and list(cfg.train)
+        assert compose("train", overrides=list(cfg.train)).trainer.max_steps > 0
 
 
 @pytest.mark.swarm

@@ -123,7 +123,8 @@ class ExpertServer:
         warm_up()
         self._allowlist = OptimizerAllowlist(cfg.extra_optimizers, cfg.trusted_peers)
         dht = start_dht(cfg.initial_peers, host_maddrs=cfg.host_maddrs, experiment=cfg.experiment,
-                        access_token=cfg.access_token)
+                        access_token=cfg.access_token,
+                        **({"announce_maddrs": cfg.announce_maddrs} if cfg.announce_maddrs else {}))
         self.timings["joined"] = time.time()
         heartbeat: Optional[threading.Thread] = None
         try:

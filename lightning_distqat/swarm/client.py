@@ -12,8 +12,8 @@ from lightning_distqat.config import SwarmConfig
 from lightning_distqat.swarm.dht import AsyncRunner, start_dht
 from hivemind.utils import get_dht_time
 
-from lightning_distqat.swarm.records import (MAX_GONE, ExpertRecord, RecordError, experts_key, gone_key,
-                                             local_owner_key)
+from lightning_distqat.swarm.records import (MAX_GONE, ExpertRecord, experts_key, gone_key, local_owner_key,
+                                              read_directory)
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
 
 __all__ = ["SwarmClient", "rank_candidates", "PipelineUnavailableError"]
@@ -90,19 +90,8 @@ class SwarmClient:
         """Experts currently announcing ``stage`` (every stage if None). Records that do not parse are skipped (with a
         debug line): nothing a stranger stores can make a trainer fail."""
         assert self.dht is not None
-        found = self.dht.get(experts_key(self.config.experiment), latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return []
-        records = []
-        for item in found.value.values():
-            try:
-                record = ExpertRecord.from_dict(getattr(item, "value", None))
-            except RecordError as e:
-                log.debug("ignoring a malformed expert record: %s", e)
-                continue
-            if stage is None or record.stage == stage:
-                records.append(record)
-        return records
+        records = read_directory(self.dht, experts_key(self.config.experiment), ExpertRecord.from_dict)
+        return [r for r in records if stage is None or r.stage == stage]
 
     def handle(self, stage: str, peer_id: str) -> ExpertHandle:
         """A handle on the expert ``peer_id`` for ``stage`` (``ValueError`` if the peer id does not parse)."""
@@ -116,25 +105,40 @@ class SwarmClient:
 
         Raises :class:`PipelineUnavailableError` naming the stages still missing and what was found for them.
         """
+        from tqdm.auto import tqdm
+
         deadline = time.monotonic() + self.config.discovery_timeout
         seen: dict[str, list[ExpertRecord]] = {}
         poll = threading.Event()
-        while True:
-            for stage, fingerprint in fingerprints.items():
-                if stage in self.held:
-                    continue
-                seen[stage] = [r for r in self.directory(stage) if r.peer_id not in self.gone]
-                for record in rank_candidates(seen[stage], fingerprint):
-                    handle = self._try_claim(stage, fingerprint, record)
-                    if handle is not None:
-                        self.held[stage] = handle
-                        break
-            missing = [s for s in fingerprints if s not in self.held]
-            if not missing:
-                break
-            if time.monotonic() >= deadline:
-                raise PipelineUnavailableError(self._describe_missing(missing, fingerprints, seen))
-            poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        bar = None
+        try:
+            while True:
+                for stage, fingerprint in fingerprints.items():
+                    if stage in self.held:
+                        continue
+                    seen[stage] = [r for r in self.directory(stage) if r.peer_id not in self.gone]
+                    for record in rank_candidates(seen[stage], fingerprint):
+                        handle = self._try_claim(stage, fingerprint, record)
+                        if handle is not None:
+                            self.held[stage] = handle
+                            break
+                missing = [s for s in fingerprints if s not in self.held]
+                if bar is not None:
+                    bar.n = len(fingerprints) - len(missing)
+                    bar.set_postfix_str(f"missing {missing}" if missing else "", refresh=True)
+                if not missing:
+                    break
+                if time.monotonic() >= deadline:
+                    raise PipelineUnavailableError(self._describe_missing(missing, fingerprints, seen))
+                if bar is None:  # the first pass found no complete pipeline: say what it waits for
+                    log.info("waiting up to %.0f s for free experts of %s (%d of %d stages claimed)",
+                             deadline - time.monotonic(), missing, len(fingerprints) - len(missing), len(fingerprints))
+                    bar = tqdm(total=len(fingerprints), initial=len(fingerprints) - len(missing), unit="stage",
+                               desc="claiming a pipeline", disable=None, leave=False)
+                poll.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        finally:
+            if bar is not None:
+                bar.close()
         self._start_renewal()
         return dict(self.held)
 

@@ -4,9 +4,11 @@ hivemind's async P2P API from synchronous code (autograd, Lightning hooks)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -19,7 +21,7 @@ from lightning_distqat._process import die_with_parent, exit_with_parent, termin
 from lightning_distqat.swarm.auth import AccessToken
 from lightning_distqat.swarm.records import record_validators
 
-__all__ = ["start_dht", "AsyncRunner"]
+__all__ = ["start_dht", "public_maddrs", "AsyncRunner"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +42,26 @@ class _OwnedDHT(hivemind.DHT):
             _on_term(signal.SIGTERM, None)
         exit_with_parent(self._parent_pid)
         super().run()
+
+
+def public_maddrs(public_ip: Optional[str], port: int = 0) -> tuple[list[str], list[str]]:
+    """Listen and announce multiaddrs of a node that other machines reach at ``public_ip``: it listens on ``port``
+    (0: a free one, picked now) of every interface (of loopback only, for a loopback ``public_ip``) and announces
+    ``/ip4/<public_ip>/tcp/<port>``. Without a public IP: loopback on a free port, nothing announced."""
+    if public_ip is None:
+        return ["/ip4/127.0.0.1/tcp/0"], []
+    try:
+        ip = ipaddress.ip_address(public_ip)
+    except ValueError:
+        raise ValueError(f"public_ip {public_ip!r} is not an IP address; give the address other machines reach this "
+                         "one at, e.g. public_ip=203.0.113.7") from None
+    proto = "ip4" if ip.version == 4 else "ip6"
+    listen = str(ip) if ip.is_loopback else ("0.0.0.0" if ip.version == 4 else "::")
+    if not port:
+        with socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6) as s:
+            s.bind((listen, 0))
+            port = s.getsockname()[1]
+    return [f"/{proto}/{listen}/tcp/{port}"], [f"/{proto}/{ip}/tcp/{port}"]
 
 
 def start_dht(

@@ -12,6 +12,7 @@ record once more and skip what does not parse; nothing in the DHT can make them 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -27,7 +28,9 @@ from hivemind.utils.timed_storage import get_dht_time
 from torch import nn
 
 __all__ = ["ExpertRecord", "stage_fingerprint", "experts_key", "gone_key", "gone_peers", "mirror_key", "RecordError",
-           "record_validators", "local_owner_key", "ExpirationCap", "MAX_RECORD_TTL"]
+           "TrainerTelemetry", "metrics_key", "read_directory", "read_telemetry", "record_validators", "local_owner_key", "ExpirationCap", "MAX_RECORD_TTL"]
+
+log = logging.getLogger(__name__)
 
 MAX_RECORD_TTL = 600.0
 """Longest lifetime (seconds from now) that a node accepts for any record of ours."""
@@ -74,6 +77,87 @@ def gone_peers(value: Any) -> set[str]:
 def mirror_key(experiment: str) -> str:
     """The DHT key under which parameter mirrors of ``experiment`` announce themselves (one signed subkey each)."""
     return f"{experiment}_mirrors"
+
+
+def metrics_key(experiment: str) -> str:
+    """The DHT key under which trainers of ``experiment`` publish their latest telemetry (one signed subkey each)."""
+    return f"{experiment}_metrics"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerTelemetry:
+    """One trainer's latest numbers, as it publishes them under ``<experiment>_metrics`` (for the monitor)."""
+
+    trainer: str
+    """The trainer's name (``trainer-<k>`` under ``distqat-client``; its peer id otherwise)."""
+    step: int
+    """Inner steps done in this fit."""
+    loss: float
+    """Training loss of the latest step (NaN before the first)."""
+    samples_per_s: float
+    """Samples per second over the steps since the previous publication."""
+    samples: int
+    """Samples trained in this fit."""
+    round: int
+    """DiLoCo outer rounds done (0 without DiLoCo)."""
+    group_size: int
+    """Replicas in the latest outer round (0 before the first)."""
+    wire_bytes: int
+    """Tensor bytes sent to and received from the experts so far (after encoding)."""
+    experts: list[str]
+    """Peer ids of the experts of this trainer's pipeline, stage by stage."""
+
+    _TYPES = {"trainer": str, "step": int, "loss": float, "samples_per_s": float, "samples": int, "round": int,
+              "group_size": int, "wire_bytes": int, "experts": list}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "TrainerTelemetry":
+        """Validate a value read from the DHT; raise :class:`RecordError` if it is not well-formed telemetry."""
+        if not isinstance(value, dict) or set(value) != set(cls._TYPES):
+            raise RecordError(f"telemetry must be a dict with fields {sorted(cls._TYPES)}, got {value!r:.200}")
+        for name, expected in cls._TYPES.items():
+            if type(value[name]) is not expected:
+                raise RecordError(f"telemetry field {name!r} has bad value {value[name]!r:.100}")
+        counts = ("step", "samples", "round", "group_size", "wire_bytes")
+        if any(value[name] < 0 for name in counts) or not 0 < len(value["trainer"]) <= 128:
+            raise RecordError(f"telemetry has a negative count or a bad trainer name: {value!r:.200}")
+        if not math.isfinite(value["samples_per_s"]) or value["samples_per_s"] < 0 or math.isinf(value["loss"]):
+            raise RecordError(f"telemetry has a bad rate or loss: {value!r:.200}")
+        if len(value["experts"]) > 64 or not all(isinstance(p, str) and len(p) <= 128 for p in value["experts"]):
+            raise RecordError("telemetry lists more than 64 experts or a bad peer id")
+        return cls(**value)
+
+
+def read_directory(dht: Any, key: str, parse: Any, *, with_expiration: bool = False) -> list[Any]:
+    """Every value under the DHT ``key`` that ``parse`` accepts (what raises :class:`RecordError` is skipped with
+    a debug line: nothing a stranger stores can make a reader fail); with ``with_expiration``, as
+    ``(value, expiration_time)`` pairs."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    parsed = []
+    for item in found.value.values():
+        try:
+            value = parse(getattr(item, "value", None))
+        except RecordError as e:
+            log.debug("ignoring a malformed record under %s: %s", key, e)
+            continue
+        parsed.append((value, float(getattr(item, "expiration_time", 0.0))) if with_expiration else value)
+    return parsed
+
+
+def read_telemetry(dht: Any, experiment: str) -> list["TrainerTelemetry"]:
+    """The newest telemetry of each trainer name (a restarted trainer publishes under a new key while its previous
+    record has not expired yet; the later expiration is the later publication)."""
+    newest: dict[str, tuple[TrainerTelemetry, float]] = {}
+    for telemetry, expires in read_directory(dht, metrics_key(experiment), TrainerTelemetry.from_dict,
+                                             with_expiration=True):
+        if telemetry.trainer not in newest or expires > newest[telemetry.trainer][1]:
+            newest[telemetry.trainer] = (telemetry, expires)
+    return [t for t, _ in newest.values()]
 
 
 MAX_GONE = 64
@@ -135,13 +219,27 @@ class _MirrorModel(pydantic.BaseModel):
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # type: ignore[valid-type]
 
 
+class _MetricsModel(pydantic.BaseModel):
+    trainer: pydantic.constr(strict=True, min_length=1, max_length=128)  # type: ignore[valid-type]
+    step: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    loss: pydantic.StrictFloat
+    samples_per_s: pydantic.confloat(strict=True, ge=0.0)  # type: ignore[valid-type]
+    samples: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    round: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    group_size: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    wire_bytes: pydantic.conint(strict=True, ge=0)  # type: ignore[valid-type]
+    experts: pydantic.conlist(pydantic.constr(strict=True, max_length=128), max_items=64)  # type: ignore[valid-type]
+
+
 class _DirectorySchema(pydantic.BaseModel):
     """``<experiment>_experts``: one record per owner-marked subkey; ``<experiment>_gone``: per trainer, the experts
-    it saw die."""
+    it saw die; ``<experiment>_mirrors``: parameter mirrors; ``<experiment>_metrics``: per trainer, its latest
+    telemetry."""
 
     experts: dict[BytesWithPublicKey, _RecordModel]  # type: ignore[valid-type]
     gone: dict[BytesWithPublicKey, _GoneModel]  # type: ignore[valid-type]
     mirrors: dict[BytesWithPublicKey, _MirrorModel]  # type: ignore[valid-type]
+    metrics: dict[BytesWithPublicKey, _MetricsModel]  # type: ignore[valid-type]
 
 
 class ExpirationCap(RecordValidatorBase):
@@ -156,14 +254,15 @@ class ExpirationCap(RecordValidatorBase):
 
 
 class OwnerSubkeyOnly(RecordValidatorBase):
-    """Under ``<experiment>_experts`` and ``<experiment>_gone``, a subkey is exactly one ``[owner:...]`` marker and
-    nothing else: one record per key pair (``RSASignatureValidator`` alone would let an owner add any number of
-    subkeys that contain its marker)."""
+    """Under ``<experiment>_experts``, ``_gone``, ``_mirrors`` and ``_metrics``, a subkey is exactly one
+    ``[owner:...]`` marker and nothing else: one record per key pair (``RSASignatureValidator`` alone would let an
+    owner add any number of subkeys that contain its marker)."""
 
     _MARKER = re.compile(rb"\[owner:[^\]]+\]")
 
     def __init__(self, experiment: str) -> None:
-        self._keys = {DHTID.generate(source=key(experiment)).to_bytes() for key in (experts_key, gone_key, mirror_key)}
+        keys = (experts_key, gone_key, mirror_key, metrics_key)
+        self._keys = {DHTID.generate(source=key(experiment)).to_bytes() for key in keys}
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key not in self._keys:
