@@ -84,7 +84,9 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """distqat-train: train a LightningModule through the swarm (or locally: strategy=local) from config."""
     logging.getLogger("lightning_distqat").setLevel(logging.INFO)
-    lightning_log = logging.getLogger("lightning.pytorch")
+    import lightning.pytorch  # noqa: F401 - Lightning adds its console handler (to "lightning") on import
+
+    lightning_log = logging.getLogger("lightning")
     if lightning_log.handlers:  # Lightning prints its own lines; without this Hydra's root handler prints them again
         lightning_log.propagate = False
     train(cfg, HydraConfig.get().runtime.output_dir)
