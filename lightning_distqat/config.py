@@ -448,7 +448,9 @@ class QuantConfig:
 
     qat: Optional[str] = None
     """torchao QAT scheme prepared on each expert's stage: ``int8-int4`` (int8 per-token dynamic activations, int4
-    grouped weights), ``int4-weight`` (int4 grouped weights only), or ``None``."""
+    grouped weights), ``int4-weight`` (int4 grouped weights only), or ``None``. It applies to the ``nn.Linear``
+    layers of each stage; a stage without any (an embedding stage) is left as it is unless ``stages`` names a QAT
+    scheme for it."""
 
     qat_group_size: int = 32
     """Weight group size of the int4 QAT schemes (the stage's linear in_features must be a multiple of it)."""

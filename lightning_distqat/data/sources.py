@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 _FILE_BUILDERS = {
     ".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text",
 }
-BUILTIN_SOURCES = ("sklearn-digits",)
+BUILTIN_SOURCES = ("sklearn-digits", "synthetic-spoken-digits", "synthetic-stories")
 _EXPECTED = ("a folder written by Dataset.save_to_disk, an image folder (one subfolder per class), a .parquet/.arrow/"
              ".json/.jsonl/.csv/.txt file or a folder of them, a Hugging Face dataset name, or one of "
              + ", ".join(BUILTIN_SOURCES))
@@ -60,6 +60,8 @@ def load_splits(cfg: DataConfig) -> Splits:
 def _load(cfg: DataConfig, split: str):
     if cfg.source == "sklearn-digits":
         return _sklearn_digits(split)
+    if cfg.source in ("synthetic-spoken-digits", "synthetic-stories"):
+        return _synthetic(cfg, split)
     path = os.path.expanduser(cfg.source)
     if os.path.exists(path):
         return _load_local(path, split, cfg)
@@ -116,6 +118,23 @@ def _load_hub(cfg: DataConfig, split: str):
         raise DataSourceError(
             f"unknown dataset '{cfg.source}': it is not a local path and the Hugging Face Hub could not provide it "
             f"({type(e).__name__}: {e}); expected {_EXPECTED}") from e
+
+
+def _synthetic(cfg: DataConfig, split: str):
+    """A data set made here (data/synthetic.py), written once to the user's cache folder in a format users bring
+    (a save_to_disk folder with an audio column, a text file) and loaded from there like theirs."""
+    from lightning_distqat.data import synthetic
+
+    if split != "train":
+        raise DataSourceError(f"data source '{cfg.source}' has one split, 'train' (got '{split}'); use val_fraction "
+                              "to hold part of it out")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distqat")
+    if cfg.source == "synthetic-spoken-digits":
+        path = synthetic.spoken_digits(os.path.join(cache, f"spoken-digits-{cfg.sampling_rate}"),
+                                       sampling_rate=cfg.sampling_rate)
+    else:
+        path = synthetic.short_stories(os.path.join(cache, "short-stories.txt"))
+    return _load_local(path, split, cfg)
 
 
 def _sklearn_digits(split: str):

@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
         import cloudpickle
         import torch  # noqa: F401  (first: the stage's tensors need it)
 
+        from lightning_distqat._quiet import quiet_transformers
         from lightning_distqat.config import ExpertConfig
         from lightning_distqat.expert.backend import warm_up
         from lightning_distqat.expert.server import ExpertServer
@@ -91,7 +92,8 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(level=logging.WARNING, format=f"[expert {stage}] %(levelname)s %(name)s: %(message)s")
         logging.getLogger("lightning_distqat").setLevel(payload["log_level"])
         sys.path[:0] = [p for p in payload["sys_path"] if p not in sys.path]  # the trainer's, for its classes
-        module = cloudpickle.loads(payload["module"])
+        with quiet_transformers():  # a transformers stage imports transformers (and torchao) here
+            module = cloudpickle.loads(payload["module"])
         timings["loaded"] = time.time()
         server = ExpertServer(config, module, on_ready=lambda info: send("ready", {
             **info, "timings": {**timings, **info["timings"]}}))

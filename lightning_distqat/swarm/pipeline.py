@@ -314,8 +314,17 @@ class RemotePipeline:
         self.each(lambda h: h.configure(specs[h.stage], qat=self._qat(h.stage)))
 
     def _qat(self, stage: str) -> Optional[dict[str, Any]]:
+        """The QAT of ``stage``. A model-wide ``qat`` skips stages without ``nn.Linear`` layers (embeddings): there
+        is nothing to quantize there; a stage's own ``stages={...: {"qat": ...}}`` is sent as it is (the expert
+        refuses it for such a stage, naming it)."""
         settings = self.quant.for_stage(stage)
-        return {"scheme": settings.qat, "group_size": settings.qat_group_size} if settings.qat else None
+        if not settings.qat:
+            return None
+        explicit = "qat" in self.quant.stages.get(stage, {})
+        if not explicit and not any(isinstance(m, torch.nn.Linear) for m in self.originals[stage].modules()):
+            log.info("stage '%s' has no nn.Linear layer: QAT (%s) leaves it as it is", stage, settings.qat)
+            return None
+        return {"scheme": settings.qat, "group_size": settings.qat_group_size}
 
     def split_of(self, optimizer: Optimizer) -> Optional[OptimizerSplit]:
         """The split of the user's ``optimizer`` (or of the LightningOptimizer around it); None if it has none."""
