@@ -26,6 +26,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quant_benchmark.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stream_reliability.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stream_pingpong.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/call_breakdown.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/failover.py
 
 clean:
