@@ -155,12 +155,14 @@ def _start(argv: list[str], cwd: Path, name: str) -> tuple[subprocess.Popen, Pat
 
 
 def _wait_for(predicate, timeout: float, what: str, procs=()):
+    """Poll ``predicate`` (twice a second, up to ``timeout``), failing early if one of ``procs`` exits."""
     deadline = time.monotonic() + timeout
+    poll = threading.Event()
     while not predicate():
         for p, out in procs:
             assert p.poll() is None, f"{out.name} exited with {p.returncode}:\n{out.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        poll.wait(0.5)
 
 
 def _stop(procs, sig=signal.SIGINT, timeout=90):
@@ -221,7 +223,8 @@ def test_bring_your_own_machines_on_loopback(tmp_path):
         _wait_for(lambda: "trainer-0 restarted" in client_out.read_text(), 60, "the restart", procs)
         _wait_for(lambda: "resumes epoch 0 at batch" in log0.read_text(errors="replace"), 120,
                   "trainer-0 resuming its data share", procs)
-        time.sleep(2)  # one more report of the monitor
+        reports = monitor[1].read_text().count("complete pipeline(s)")  # one more report of the monitor
+        _wait_for(lambda: monitor[1].read_text().count("complete pipeline(s)") > reports, 30, "a monitor report", procs)
     finally:
         _stop(list(reversed(procs)))
     assert "exited with -9" in client_out.read_text()
