@@ -1,9 +1,9 @@
 """Throughput of the 3-stage embedded pipeline relative to training the same module in one process.
 
-For a small and a medium stage width, local and DistqatStrategy fits alternate (ROUNDS times each, in one run);
-samples/s are timed from on_train_start to on_train_end, so the swarm's start-up and teardown are excluded (and printed
-apart: the rest of the fit).
-Every process runs with OMP_NUM_THREADS=1.
+For a small and a medium stage width, the one-process fit and every pipeline schedule alternate (ROUNDS times each,
+in one run): tensors as bytes through the P2P stream, through shared memory (the default), and with 2 and 4
+micro-batches in flight; samples/s are timed from on_train_start to on_train_end, so the swarm's start-up and
+teardown are excluded (and printed apart: the rest of the fit). Every process runs with OMP_NUM_THREADS=1.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline_throughput.py [--steps 40] [--rounds 3]
 """
@@ -19,6 +19,7 @@ import logging  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -26,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_distqat import DistqatStrategy  # noqa: E402
+from lightning_distqat import DistqatStrategy, SwarmConfig  # noqa: E402
 from lightning_distqat.callbacks import TrainingSummary  # noqa: E402
 
 
@@ -50,15 +51,24 @@ class Mlp3(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
-def _fit(width: int, steps: int, batch: int, remote: bool) -> tuple[float, float]:
-    """Returns (samples/s during training, seconds of set-up before training started)."""
+SCHEDULES = {
+    "bytes": {"swarm": SwarmConfig(shared_memory=False)},
+    "shared memory (default)": {},
+    "+ 2 micro-batches": {"micro_batches": 2},
+    "+ 4 micro-batches": {"micro_batches": 4},
+}
+
+
+def _fit(width: int, steps: int, batch: int, schedule: Optional[dict]) -> tuple[float, float]:
+    """Returns (samples/s during training, seconds of set-up before training started); ``schedule``: the
+    DistqatStrategy's arguments, None for one process."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(batch * steps, width), torch.randint(0, 10, (batch * steps,)))
     summary = TrainingSummary()
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[summary],
-        strategy=DistqatStrategy(stages=["stem", "body", "head"]) if remote else "auto",
+        strategy=DistqatStrategy(stages=["stem", "body", "head"], **schedule) if schedule is not None else "auto",
     )
     start = time.perf_counter()
     trainer.fit(Mlp3(width), DataLoader(data, batch_size=batch))
@@ -80,22 +90,28 @@ def main() -> None:
 
     rows = []
     for width in args.widths:
-        local, remote, setup = [], [], []
+        local: list[float] = []
+        remote: dict[str, list[float]] = {name: [] for name in SCHEDULES}
+        setup: list[float] = []
         for _ in range(args.rounds):
-            local.append(_fit(width, args.steps, args.batch, remote=False)[0])
-            sps, secs = _fit(width, args.steps, args.batch, remote=True)
-            remote.append(sps)
-            setup.append(secs)
+            local.append(_fit(width, args.steps, args.batch, None)[0])
+            for name, schedule in SCHEDULES.items():
+                sps, secs = _fit(width, args.steps, args.batch, schedule)
+                remote[name].append(sps)
+                setup.append(secs)
         params = sum(p.numel() for p in Mlp3(width).parameters())
-        rows.append((width, params, statistics.median(local), statistics.median(remote), statistics.median(setup)))
-        print(f"width {width}: local {local}, distqat {remote}", flush=True)
+        rows.append((width, params, statistics.median(local), {k: statistics.median(v) for k, v in remote.items()},
+                     statistics.median(setup)))
+        print(f"width {width}: local {[round(v) for v in local]}, "
+              + ", ".join(f"{k} {[round(v) for v in vs]}" for k, vs in remote.items()), flush=True)
 
     print(f"\nbatch {args.batch}, {args.steps} steps per fit, median of {args.rounds} alternating rounds, "
-          "OMP_NUM_THREADS=1 per process\n")
-    print("| stage width | params | one process (samples/s) | 3-stage pipeline (samples/s) | ratio | swarm start + stop (s) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "OMP_NUM_THREADS=1 per process; samples/s (ratio to one process)\n")
+    print("| stage width | params | one process | " + " | ".join(SCHEDULES) + " | swarm start + stop (s) |")
+    print("|---:|---:|---:|" + "---:|" * len(SCHEDULES) + "---:|")
     for width, params, loc, rem, setup in rows:
-        print(f"| {width} | {params / 1e6:.2f} M | {loc:.0f} | {rem:.0f} | {rem / loc:.2f} | {setup:.1f} |")
+        cells = " | ".join(f"{v:.0f} ({v / loc:.2f})" for v in rem.values())
+        print(f"| {width} | {params / 1e6:.2f} M | {loc:.0f} | {cells} | {setup:.1f} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import BinaryIO, Optional
 
-__all__ = ["die_with_parent", "exit_with_parent", "terminate_children", "kill_process_group", "is_shm_manager",
+__all__ = ["die_with_parent", "exit_with_parent", "remove_wire_slots", "WIRE_SLOT_PREFIX", "terminate_children", "kill_process_group", "is_shm_manager",
            "frame", "read_frame"]
 
 _PR_SET_PDEATHSIG = 1
@@ -66,6 +66,7 @@ def exit_with_parent(parent_pid: int, period: float = 0.5) -> None:
 
     def _end() -> None:
         terminate_children(signal.SIGTERM)
+        remove_wire_slots(parent_pid)  # the shared-memory slots a killed parent could not unlink
         os._exit(0)
 
     try:
@@ -85,6 +86,24 @@ def exit_with_parent(parent_pid: int, period: float = 0.5) -> None:
                 _end()
 
     threading.Thread(target=_watch, name="distqat-orphan-watchdog", daemon=True).start()
+
+
+WIRE_SLOT_PREFIX = "distqat_wire_"
+"""Names of the shared-memory slots of calls between trainers and experts: ``distqat_wire_<owner pid>_<n>``."""
+
+
+def remove_wire_slots(pid: int) -> None:
+    """Unlink the shared-memory slots that process ``pid`` owned (call once it is dead)."""
+    prefix = f"{WIRE_SLOT_PREFIX}{pid}_"
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except OSError:
+            pass
 
 
 def kill_process_group(pgid: Optional[int]) -> None:

@@ -102,6 +102,10 @@ class SwarmConfig:
     """This trainer's name in the fleet telemetry (``distqat-client`` names its trainers ``trainer-<k>``); None: its
     peer id."""
 
+    shared_memory: bool = True
+    """Tensors to and from experts on this host (same boot, same user) go through shared-memory slots instead of the
+    P2P stream (``swarm/sharedwire.py``); experts elsewhere get bytes. Results are the same either way."""
+
     telemetry_period: float = 2.0
     """Seconds between two publications of this trainer's numbers under ``<experiment>_metrics`` in the DHT (loss,
     samples/s, round, wire bytes; ``distqat-monitor`` reads them). 0 publishes none."""
@@ -178,6 +182,10 @@ class ExpertConfig:
 
     max_concurrent_per_peer: int = 8
     """Requests one peer may have in flight at once; more are refused at once."""
+
+    shared_memory: bool = True
+    """Take and send tensors through shared-memory slots with trainers on this host (same boot, same user) that
+    ask for it; others get bytes (``swarm/sharedwire.py``)."""
 
     max_lease_ttl: float = 300.0
     """Longest lease a trainer gets per claim (seconds); it renews before it runs out."""

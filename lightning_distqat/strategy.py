@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -24,6 +25,7 @@ from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.plugins import ClipAcrossSwarm, mix_in
 from lightning_distqat.ranks import LocalRanksStrategy
 from lightning_distqat.swarm.membership import SwarmMembership
+from lightning_distqat.swarm.overlap import JoinMicroLosses, MicroBatches, split_batch
 from lightning_distqat.swarm.pipeline import RemotePipeline
 from lightning_distqat.swarm.stages import resolve_stages
 
@@ -50,6 +52,11 @@ class DistqatStrategy(LocalRanksStrategy):
             (``SwarmConfig.spare_experts``).
         mirror_every: optimizer steps between snapshots of every stage's state, the state a replacement expert
             starts from (``SwarmConfig.mirror_every``; 1 loses no step when an expert dies).
+        micro_batches: cut every training batch into this many micro-batches that move through the stages at once
+            (while one waits for an expert, the next one's calls go out), so the experts work concurrently. The
+            loss is the micro-batches' losses weighted by their share of the batch, so the gradients equal the whole
+            batch's (up to float rounding) when ``training_step`` returns a mean over samples. BatchNorm in a stage
+            sees micro-batch statistics instead: keep 1 for models with BatchNorm. Automatic optimization only.
 
     When the expert of a stage dies, stops answering or leaves, the trainer claims another expert of that stage,
     brings it to the stage's state, replays the step in flight and goes on (``SwarmConfig.failover_timeout`` bounds
@@ -72,6 +79,7 @@ class DistqatStrategy(LocalRanksStrategy):
         quant: Optional[QuantConfig] = None,
         spare_experts: Optional[int] = None,
         mirror_every: Optional[int] = None,
+        micro_batches: int = 1,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -105,6 +113,11 @@ class DistqatStrategy(LocalRanksStrategy):
         self._callbacks: list[Callback] = []
         self._diloco_restore: Optional[dict[str, Any]] = None
         self._diloco_final: Optional[dict[str, Any]] = None
+        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+            raise ValueError(f"DistqatStrategy: micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches
+        self._micro: Optional[MicroBatches] = None
+        self._warned_micro = False
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -210,7 +223,46 @@ class DistqatStrategy(LocalRanksStrategy):
         rounds = self.membership.rounds if self.membership is not None else None
         if rounds is not None and args:
             rounds.samples_since_round += self._batch_size(args[0])
-        return super().training_step(*args, **kwargs)
+        parts = self._micro_batches_of(args[0] if args else None)
+        if parts is None:
+            return super().training_step(*args, **kwargs)
+        if self._micro is None:
+            self._micro = MicroBatches(self.micro_batches)
+        outputs = self._micro.run(lambda part: super(DistqatStrategy, self).training_step(part[0], *args[1:], **kwargs),
+                                  parts)
+        return self._join(outputs, [n / sum(n for _, n in parts) for _, n in parts])
+
+    def _micro_batches_of(self, batch: Any) -> Optional[list[tuple[Any, int]]]:
+        """The micro-batches of a training batch, or None to run it whole (one micro-batch, no pipeline, manual
+        optimization, or a batch without tensors to cut)."""
+        module = self.lightning_module
+        if self.micro_batches <= 1 or self.pipeline is None or module is None or not module.automatic_optimization:
+            if self.micro_batches > 1 and module is not None and not module.automatic_optimization \
+                    and not self._warned_micro:
+                self._warned_micro = True
+                rank_zero_warn("DistqatStrategy: micro_batches applies to automatic optimization only; this module "
+                               "optimizes manually, so every batch runs whole.")
+            return None
+        parts = split_batch(batch, self.micro_batches)
+        if parts is None and not self._warned_micro:
+            self._warned_micro = True
+            rank_zero_warn(f"DistqatStrategy: cannot cut a {type(batch).__name__} batch into micro-batches (it holds "
+                           "no tensor with a batch dimension); every batch runs whole.")
+        return parts if parts is not None and len(parts) > 1 else None
+
+    def _join(self, outputs: list[Any], weights: list[float]) -> Any:
+        """The micro-batches' ``training_step`` outputs as one: their losses weighted by their share of the batch
+        (the whole batch's mean loss), its backward running theirs concurrently; other values of a dict output are
+        the last micro-batch's."""
+        losses = [o["loss"] if isinstance(o, Mapping) else o for o in outputs]
+        if not all(isinstance(loss, torch.Tensor) and loss.requires_grad for loss in losses):
+            raise MisconfigurationException(
+                "DistqatStrategy(micro_batches>1): training_step must return the loss (a tensor that requires grad, "
+                "or a dict with 'loss') for every micro-batch; return it, or set micro_batches=1.")
+        dummy = torch.empty(0, device=losses[0].device, requires_grad=True)
+        joined = JoinMicroLosses.apply(dummy, self._micro, weights, losses)
+        last = outputs[-1]
+        return {**last, "loss": joined} if isinstance(last, Mapping) else joined
 
     def _batch_size(self, batch: Any) -> int:
         try:
@@ -309,6 +361,9 @@ class DistqatStrategy(LocalRanksStrategy):
         """Bring the trained weights home (also after an error or Ctrl+C), put the original submodules and parameter
         groups back, then leave the swarm."""
         membership, pipeline, module = self.membership, self.pipeline, self.lightning_module
+        micro, self._micro = self._micro, None
+        if micro is not None:
+            micro.close()  # after a failure or Ctrl+C its threads end with their calls (bounded by request_timeout)
         try:
             if membership is not None and membership.rounds is not None:
                 try:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import children_of, describe, kill_pids, p2pd_pids, shm_entries
+from tests.helpers import children_of, describe, kill_pids, p2pd_pids, shm_entries, wire_slot_alive
 
 LEAK_GRACE_SECONDS = 15.0
 
@@ -40,6 +40,15 @@ def process_singletons():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_wire_slots_after_the_module():
+    """The test process's own shared-memory slots (its trainers' handles) are unlinked once a module's swarms end."""
+    before = shm_entries()
+    yield
+    mine = sorted(e for e in shm_entries() - before if e.startswith(f"distqat_wire_{os.getpid()}_"))
+    assert not mine, f"/dev/shm entries of this process left behind by the module: {mine}"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves processes, p2pd daemons, threads or shared-memory segments behind."""
@@ -61,7 +70,9 @@ def no_leaks():
         # future). torch_shm_manager unlinks them when their process tree ends; those of processes forked from this
         # one (in-process DHT nodes and averagers) only when pytest exits. test_shutdown and the DiLoCo fault test
         # check whole trainer process trees for them; everything else under /dev/shm is checked here, per test.
-        shm = {e for e in shm_entries() - shm_before if not e.startswith("torch_")}
+        # distqat_wire_<pid>_* are shared-memory slots of a trainer or an expert; module-scoped swarms keep theirs
+        # between tests, so a slot counts here once its owner is gone (and the test process's own at module end).
+        shm = {e for e in shm_entries() - shm_before if not e.startswith("torch_") and not wire_slot_alive(e)}
         if not (children or daemons or threads or shm) or time.monotonic() > deadline:
             break
         poll.wait(0.2)

@@ -66,6 +66,14 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def wire_slot_alive(entry: str) -> bool:
+    """Whether ``entry`` is a shared-memory slot (``distqat_wire_<pid>_<n>``) whose owner still runs."""
+    if not entry.startswith("distqat_wire_"):
+        return False
+    pid = entry.removeprefix("distqat_wire_").split("_")[0]
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+
+
 def describe(pids: set[int]) -> list[str]:
     out = []
     for pid in sorted(pids):

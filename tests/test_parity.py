@@ -5,14 +5,15 @@ its own weights, configures their optimizers afresh and releases them at the end
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_distqat import DistqatStrategy
+from lightning_distqat import DistqatStrategy, SwarmConfig
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.swarm.dht import start_dht
 from lightning_distqat.swarm.embedded import EmbeddedSwarm
-from tests.helpers import ThreeStageNet, fit_params, max_rel_diff
+from tests.helpers import ThreeStageNet, fit_params, max_rel_diff, toy_loader
 
 STAGES = ["stem", "body", "head"]
 
@@ -91,3 +92,44 @@ def test_manual_optimization_with_clipping_matches_plain_lightning(peers):
     strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity")
     remote, _ = fit_params(_ManualClip, max_steps=5, strategy=strategy)
     assert max_rel_diff(remote.state_dict(), local.state_dict()) <= 1e-5
+
+
+class _Schedule(pl.Callback):
+    """Records whether each stage's tensors went through shared memory."""
+
+    def __init__(self) -> None:
+        self.shared: dict[str, bool] = {}
+
+    def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        self.shared = {s: h.shares_memory for s, h in trainer.strategy.pipeline.handles.items()}
+
+
+def _wide_batches():
+    return toy_loader(n=320, batch_size=64)  # activations of 8 KiB: above the shared-memory threshold
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 4])
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "bytes"])
+def test_every_schedule_matches_plain_lightning(peers, shared_memory, micro_batches):
+    """Shared memory on and off, 1, 2 and 4 micro-batches in flight: the parameters after 5 steps are plain
+    Lightning's."""
+    local, _ = fit_params(ThreeStageNet, _wide_batches, max_steps=5)
+    schedule = _Schedule()
+    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity", micro_batches=micro_batches,
+                               swarm=SwarmConfig(shared_memory=shared_memory))
+    remote, trainer = fit_params(ThreeStageNet, _wide_batches, max_steps=5, strategy=strategy, callbacks=[schedule])
+    assert trainer.global_step == 5
+    assert schedule.shared == {s: shared_memory for s in STAGES}
+    diff = max_rel_diff(remote.state_dict(), local.state_dict())
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.2e}"
+
+
+def test_uneven_micro_batches_with_accumulation_and_clipping_match_plain_lightning(peers):
+    """3 micro-batches of a 64-sample batch (21, 21, 22), 2 batches accumulated, gradients clipped by the norm over
+    every stage."""
+    kwargs = {"max_steps": 3, "accumulate_grad_batches": 2, "gradient_clip_val": 0.05}
+    local, _ = fit_params(ThreeStageNet, _wide_batches, **kwargs)
+    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity", micro_batches=3)
+    remote, _ = fit_params(ThreeStageNet, _wide_batches, strategy=strategy, **kwargs)
+    diff = max_rel_diff(remote.state_dict(), local.state_dict())
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.2e}"

@@ -112,9 +112,9 @@ def test_a_lost_answer_is_retried_without_counting_twice(swarm, monkeypatch):
     local = copy.deepcopy(STAGES["lin"])
     real, calls = remote.unpack_stream, []
 
-    async def lose_first_answers(stream):  # noqa: ANN001, ANN202
+    async def lose_first_answers(stream, shared=None):  # noqa: ANN001, ANN202
         calls.append(1)
-        answer = await real(stream)  # the expert did answer; the answer is lost on the way
+        answer = await real(stream, shared)  # the expert did answer; the answer is lost on the way
         return (None, []) if len(calls) in (1, 3) else answer
 
     monkeypatch.setattr(remote, "unpack_stream", lose_first_answers)

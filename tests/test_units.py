@@ -274,3 +274,90 @@ def test_a_move_needs_a_lasting_gap_and_a_moved_expert_stays():
     policy.moved(5)
     assert [policy.check("a", t) for t in (6, 7, 8, 9)] == [None, None, None, None]  # it stays a while
     assert policy.check("a", 70) == "a"
+
+
+def test_check_finite_finds_nan_and_inf_but_not_finite_values_whose_sum_overflows():
+    from lightning_distqat.expert.checks import check_finite
+
+    big = torch.full((1000,), 3e38)  # finite, but its sum is inf: the fast path must fall back, not refuse
+    half = torch.full((10,), 60000.0, dtype=torch.float16)  # sums past fp16's range
+    check_finite([big, half, torch.zeros(0), torch.arange(3)], "x")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(4, dtype=torch.float64)
+        t[2] = bad
+        with pytest.raises(ValueError, match=r"x #1 holds"):
+            check_finite([torch.ones(3), t], "x")
+
+
+def test_split_batch_cuts_every_tensor_of_the_batch_dimension_and_keeps_the_rest():
+    from collections import namedtuple
+
+    from lightning_distqat.swarm.overlap import split_batch
+
+    Pair = namedtuple("Pair", "x y")
+    batch = {"pair": Pair(torch.arange(10).view(5, 2), torch.arange(5)), "ids": [torch.arange(5)],
+             "vocab": torch.zeros(3), "name": "digits"}
+    parts = split_batch(batch, 2)
+    assert [n for _, n in parts] == [2, 3] or [n for _, n in parts] == [3, 2]
+    assert sum(n for _, n in parts) == 5
+    first, n = parts[0]
+    assert isinstance(first["pair"], Pair) and first["pair"].x.shape == (n, 2) and first["ids"][0].shape == (n,)
+    assert first["vocab"].shape == (3,) and first["name"] == "digits"  # not of the batch dimension: whole, to each
+    assert torch.equal(torch.cat([p["pair"].y for p, _ in parts]), torch.arange(5))
+    assert [n for _, n in split_batch((torch.ones(2, 4),), 4)] == [1, 1]  # never more parts than rows
+    assert split_batch({"name": "x"}, 2) is None and split_batch(torch.ones(0, 3), 2) is None
+
+
+def test_joined_micro_losses_give_the_whole_batch_gradient():
+    from lightning_distqat.swarm.overlap import JoinMicroLosses, MicroBatches, split_batch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(11, 8), torch.randint(0, 3, (11,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    runner = MicroBatches(3)
+    try:
+        parts = split_batch((x, y), 3)
+        losses = runner.run(lambda part: torch.nn.functional.cross_entropy(model(part[0][0]), part[0][1]), parts)
+        joined = JoinMicroLosses.apply(torch.empty(0, requires_grad=True), runner, [n / 11 for _, n in parts], losses)
+        (joined * 0.5).backward()  # a scaled loss (Lightning's accumulation) scales every micro-batch's share
+    finally:
+        runner.close()
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, 0.5 * g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(joined, torch.nn.functional.cross_entropy(model(x), y), rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_overlap_only_their_waits():
+    import threading
+    import time
+
+    from lightning_distqat.swarm.overlap import MicroBatches, waiting
+
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def step(part):  # noqa: ANN001, ANN202
+        for _ in range(3):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.01)  # Python work: holds the baton
+            with lock:
+                inside[0] -= 1
+            with waiting():  # an expert's answer: the others run meanwhile
+                time.sleep(0.2)
+        return part * 2
+
+    runner = MicroBatches(4)
+    try:
+        started = time.monotonic()
+        assert runner.run(step, [1, 2, 3, 4]) == [2, 4, 6, 8]
+        took = time.monotonic() - started
+        with pytest.raises(ZeroDivisionError):
+            runner.run(lambda part: 1 / part, [1, 0, 2])
+    finally:
+        runner.close()
+    assert most[0] == 1, "two micro-batches ran Python at once"
+    assert took < 4 * 3 * 0.2 * 0.6, f"the waits did not overlap ({took:.2f} s)"

@@ -29,6 +29,7 @@ from lightning_distqat.swarm.auth import ACCESS_DENIED, AccessToken
 from lightning_distqat.swarm.messages import (
     Malformed, TooLarge, collect, linger, pack, state_to_tensor, tensor_to_state, unpack,
 )
+from lightning_distqat.swarm.sharedwire import Arena, SlotReader, host_key
 
 __all__ = ["ExpertServicer"]
 
@@ -73,6 +74,9 @@ class ExpertServicer(ServicerBase):
         self._in_flight: dict[str, int] = {}
         self.requests_served = 0
         self.requests_failed = 0
+        self._arena: Optional[Arena] = Arena() if self.config.shared_memory else None
+        """Slots for answers to callers on this host that ask for them (``reply_shm``)."""
+        self._reader: Optional[SlotReader] = SlotReader() if self.config.shared_memory else None
 
     def serve(self, backend: StageBackend) -> Optional[DiLoCoSync]:
         """Host another stage from now on (the expert moved; call on the event loop while unleased). Returns the last
@@ -82,8 +86,21 @@ class ExpertServicer(ServicerBase):
         self.backend = backend
         return sync
 
+    def _fresh_slots(self) -> None:
+        """Unlink the answer slots and unmap the callers' slots (their owners unlink them)."""
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = Arena()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = SlotReader()
+
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._arena is not None:
+            self._arena.close()
+        if self._reader is not None:
+            self._reader.close()
         if self.diloco is not None:
             self.diloco.shutdown()
             self.diloco = None
@@ -134,34 +151,36 @@ class ExpertServicer(ServicerBase):
                              "expert first)")
 
     async def _answer(self, what: str, context: P2PContext, receive: Receive, body: Body, *,
-                      leased: Callable[[dict], bool], admitted: bool = False) -> tuple[dict, list]:
+                      leased: Callable[[dict], bool], admitted: bool = False) -> tuple[dict, list, bool]:
         """Admit the caller (unless ``admitted``), read the request within bounds (its access proof and lease are
-        checked on its first message, before the rest is read), run ``body(header, tensors, caller)`` and turn any
-        failure into an error reply. A ``SystemExit`` or ``KeyboardInterrupt`` from the stage is fatal: the expert
-        stops (after answering with the error)."""
+        checked on its first message, before the rest is read; tensors in a shared-memory slot are copied out),
+        run ``body(header, tensors, caller)`` and turn any failure into an error reply. A ``SystemExit`` or
+        ``KeyboardInterrupt`` from the stage is fatal: the expert stops (after answering with the error). Returns
+        the reply, its tensors and whether the caller takes them through shared memory."""
         caller = context.remote_id.to_base58()
         if not admitted:
             try:
                 self._admit(caller)
             except StageError as e:
-                return self._error(what, e), []
+                return self._error(what, e), [], False
         try:
             check = lambda header: self._authorize(header, caller, leased(header), what)  # noqa: E731
             messages = await receive(check)
-            header, tensors = await asyncio.get_running_loop().run_in_executor(None, unpack, messages)
+            header, tensors = await asyncio.get_running_loop().run_in_executor(
+                None, unpack, messages, self._reader, self.config.max_request_bytes)
             if header is None:
                 raise StageError("empty or incomplete request")
             check(header)
             reply, out = await body(header, tensors, caller)
             self.requests_served += 1
-            return reply or {}, out
+            return reply or {}, out, header.get("reply_shm") is True
         except (SystemExit, KeyboardInterrupt) as e:
             log.critical("stage '%s' %s raised %s; the expert stops", self.backend.name, what, type(e).__name__)
             if self._on_fatal is not None:
                 self._on_fatal(e)
-            return self._error(what, e), []
+            return self._error(what, e), [], False
         except Exception as e:  # noqa: BLE001 - one bad request must never stop the expert
-            return self._error(what, e), []
+            return self._error(what, e), [], False
         finally:
             if not admitted:
                 self._release(caller)
@@ -189,12 +208,21 @@ class ExpertServicer(ServicerBase):
             async for message in linger(pack(Response, self._error(what, e)), seconds=REFUSED_LINGER_SECONDS):
                 yield message
             return
+        slot, arena = None, self._arena
         try:
-            answer = await self._answer(what, context, receive, body, leased=leased, admitted=True)
-            async for message in linger(pack(Response, *answer)):
+            reply, out, shared = await self._answer(what, context, receive, body, leased=leased, admitted=True)
+            arena = self._arena
+            if shared and out and arena is not None:
+                written = await self._run(arena.write, out)
+                if written is not None:
+                    slot, ticket = written
+                    reply, out = {**reply, "shm": ticket}, []
+            async for message in linger(pack(Response, reply, out)):
                 yield message
         finally:
             self._release(caller)
+            if slot is not None and arena is not None:  # the caller copied the answer before it closed the stream
+                arena.release(slot)
 
     # ------------------------------------------------------------------ tensor RPCs (streamed)
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -281,7 +309,7 @@ class ExpertServicer(ServicerBase):
         async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
             return (await self._run(fn, header, caller)) or {}, []
 
-        reply, _ = await self._answer(what, context, self._unary_request(request), body, leased=leased)
+        reply, _, _ = await self._answer(what, context, self._unary_request(request), body, leased=leased)
         return next(pack(Response, reply))
 
     async def rpc_configure(self, request: Request, context: P2PContext) -> Response:
@@ -385,6 +413,8 @@ class ExpertServicer(ServicerBase):
             holder = self.lease_holder
             if holder is not None and holder != caller:
                 return {"granted": False}, []
+            if holder != (caller if ttl > 0 else None):
+                self._fresh_slots()  # a new holder, or the holder let go: no slot outlives the lease it served
             if ttl > 0:
                 self._lease = (caller, time.monotonic() + min(float(ttl), self.config.max_lease_ttl))
                 if holder is None:
@@ -394,10 +424,13 @@ class ExpertServicer(ServicerBase):
                     await self._run(self.backend.new_holder)
             else:
                 self._lease = (None, 0.0)
-            return {"granted": ttl > 0, "ttl": min(float(ttl), self.config.max_lease_ttl),
-                    "stage": self.backend.name, "fingerprint": self.backend.fingerprint}, []
+            reply = {"granted": ttl > 0, "ttl": min(float(ttl), self.config.max_lease_ttl),
+                     "stage": self.backend.name, "fingerprint": self.backend.fingerprint}
+            if self._arena is not None:
+                reply["host"] = host_key()  # a caller on this host may send and take tensors through shared memory
+            return reply, []
 
-        reply, _ = await self._answer("claim", context, self._unary_request(request), body, leased=lambda h: False)
+        reply, _, _ = await self._answer("claim", context, self._unary_request(request), body, leased=lambda h: False)
         return next(pack(Response, reply))
 
     def info(self) -> dict[str, Any]:

@@ -97,7 +97,8 @@ class SwarmClient:
         """A handle on the expert ``peer_id`` for ``stage`` (``ValueError`` if the peer id does not parse)."""
         assert self.p2p is not None and self.runner is not None
         return ExpertHandle(stage, peer_id, self.p2p, self.runner, timeout=self.config.request_timeout,
-                            access=self.config.access_token, experiment=self.config.experiment)
+                            access=self.config.access_token, experiment=self.config.experiment,
+                            shared_memory=self.config.shared_memory)
 
     def claim_pipeline(self, fingerprints: dict[str, str]) -> dict[str, ExpertHandle]:
         """Claim one free expert per stage whose fingerprint matches, waiting up to ``discovery_timeout``. The expert
@@ -242,6 +243,7 @@ class SwarmClient:
             handle.release(timeout=timeout)
         except ExpertError:
             pass  # a dead expert's lease expires on its own
+        handle.close()
 
     def release_all(self) -> None:
         """Stop renewing and give every lease back."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_distqat._process import frame, kill_process_group
 from lightning_distqat.config import ExpertConfig
+from lightning_distqat.swarm.sharedwire import remove_segments_of
 
 __all__ = ["EmbeddedSwarm", "ExpertStartupError", "STARTUP_PHASES"]
 
@@ -248,6 +249,7 @@ class EmbeddedSwarm:
                 expert.process.wait(5)
             except subprocess.TimeoutExpired:  # stuck in the kernel; go on with the others
                 log.error("expert for stage %s (pid %d) did not die after SIGKILL", expert.name, expert.process.pid)
+            remove_segments_of(expert.process.pid)  # its shared-memory slots, if its resource tracker died with it
         for expert in experts:
             if expert.forwarder is not None:
                 expert.forwarder.join(5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -13,6 +13,9 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+if TYPE_CHECKING:
+    from lightning_distqat.swarm.sharedwire import SlotReader
 
 __all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "collect", "unpack_stream", "TooLarge",
            "Malformed", "state_to_tensor", "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
@@ -99,10 +102,14 @@ def _tensor(parts: list[runtime_pb2.Tensor]) -> torch.Tensor:
     return deserialize_torch_tensor(serialized).requires_grad_(False)
 
 
-def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
+def unpack(messages: Iterable[Message], shared: Optional["SlotReader"] = None, max_bytes: int = 2**40
+           ) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
     """Inverse of :func:`pack`: the header and the tensors, in order. The header is None if the call did not arrive
     whole (no message, or fewer than the header announced: a stream that the other side closed early). Raises
-    :class:`Malformed` for anything that does not follow the format."""
+    :class:`Malformed` for anything that does not follow the format.
+
+    A header with a shared-memory ticket (``"shm"``, see ``sharedwire``) has its tensors copied out of the sender's
+    slot by ``shared`` (at most ``max_bytes``); without a reader such a call is refused."""
     messages = list(messages)
     if not messages:
         return None, []
@@ -112,6 +119,12 @@ def unpack(messages: Iterable[Message]) -> tuple[Optional[dict[str, Any]], list[
             raise Malformed(f"the header is a {type(header).__name__}, not a dict")
         if len(messages) < header.pop("_n", 1):
             return None, []
+        if "shm" in header:
+            if shared is None:
+                raise Malformed("this peer does not take tensors through shared memory")
+            if any(message.tensors for message in messages):
+                raise Malformed("a call through shared memory carries no tensor bytes")
+            return header, shared.read(header.pop("shm"), max_bytes)
         tensors: list[torch.Tensor] = []
         pending: list[runtime_pb2.Tensor] = []
         for message in messages:
@@ -134,13 +147,15 @@ class TooLarge(ValueError):
 
 
 async def collect(stream: AsyncIterator[Message], *, max_messages: int = 2**20, max_bytes: int = 2**40,
-                  check: Optional[Callable[[dict[str, Any]], None]] = None) -> list[Message]:
+                  check: Optional[Callable[[dict[str, Any]], None]] = None, keep_open: bool = False
+                  ) -> list[Message]:
     """Read exactly the messages that the first one announces, then close ``stream`` (a caller closes its side once
     it has the whole answer; see :func:`linger`). Raises :class:`TooLarge` as soon as the announced count exceeds
     ``max_messages`` or the bytes read exceed ``max_bytes``: nothing more is read. ``check(header)`` runs on the
     first message's header before anything else is read; whatever it raises ends the read the same way."""
     messages: list[Message] = []
     expected, received = 1, 0
+    whole = False
     try:
         async for message in stream:
             received += message.ByteSize()  # every field: empty parts cost memory too
@@ -159,16 +174,28 @@ async def collect(stream: AsyncIterator[Message], *, max_messages: int = 2**20, 
             messages.append(message)
             if len(messages) >= expected:
                 break
+        whole = True
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if not (keep_open and whole):
+            await _close(stream)
     return messages
 
 
-async def unpack_stream(stream: AsyncIterator[Message]) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
-    """:func:`unpack` of :func:`collect`."""
-    return unpack(await collect(stream))
+async def _close(stream: AsyncIterator[Message]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def unpack_stream(stream: AsyncIterator[Message], shared: Optional["SlotReader"] = None
+                        ) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
+    """:func:`unpack` of :func:`collect`; the stream closes after the tensors were copied out of the sender's
+    shared-memory slot (the sender reuses the slot once the stream closed)."""
+    messages = await collect(stream, keep_open=True)
+    try:
+        return unpack(messages, shared)
+    finally:
+        await _close(stream)
 
 
 LINGER_SECONDS = 60.0

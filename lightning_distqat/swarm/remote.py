@@ -20,6 +20,8 @@ from lightning_distqat.swarm.dht import AsyncRunner
 from lightning_distqat.swarm.messages import (
     LayoutError, flatten_structure, pack, pack_structure, state_to_tensor, tensor_to_state, unpack, unpack_stream,
 )
+from lightning_distqat.swarm.overlap import waiting
+from lightning_distqat.swarm.sharedwire import Arena, SharedWireError, SlotReader, host_key
 
 __all__ = ["ExpertError", "ExpertUnavailableError", "ExpertLeavingError", "ExpertHandle", "RemoteStage", "Route"]
 
@@ -58,9 +60,10 @@ class ExpertHandle:
     :class:`ExpertUnavailableError` naming the stage, the expert and the cause."""
 
     def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float,
-                 access: Optional[str] = None, experiment: str = "") -> None:
+                 access: Optional[str] = None, experiment: str = "", shared_memory: bool = True) -> None:
         """``access``: the experiment's access token, if it has one (every request then carries a proof bound to
-        this trainer's and the expert's peer ids)."""
+        this trainer's and the expert's peer ids). ``shared_memory``: once a claim shows the expert runs on this
+        host (same boot and user), tensors of streamed calls go through shared memory (``sharedwire``)."""
         from lightning_distqat.expert.servicer import ExpertServicer  # the servicer defines the RPC names
 
         self.stage, self.peer_id, self.timeout = stage, peer_id, timeout
@@ -74,6 +77,23 @@ class ExpertHandle:
         """Tensor bytes of forward/backward requests sent to this expert (after encoding)."""
         self.bytes_received = 0
         self._stub = ExpertServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+        self.shared_memory = shared_memory
+        self._arena: Optional[Arena] = None
+        """Slots for this expert's requests, from the first claim that shows it shares this host."""
+        self._reader: Optional[SlotReader] = None
+
+    @property
+    def shares_memory(self) -> bool:
+        """True when tensors to and from this expert go through shared memory."""
+        return self._arena is not None
+
+    def close(self) -> None:
+        """Unlink this handle's shared-memory slots and unmap the expert's (after its lease was given back)."""
+        arena, reader, self._arena, self._reader = self._arena, self._reader, None, None
+        if arena is not None:
+            arena.close()
+        if reader is not None:
+            reader.close()
 
     def __repr__(self) -> str:
         return f"ExpertHandle(stage={self.stage!r}, peer={self.peer_id[-8:]})"
@@ -87,7 +107,8 @@ class ExpertHandle:
     def _call(self, what: str, coro: Any, timeout: Optional[float] = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
         timeout = self.timeout if timeout is None else timeout
         try:
-            header, tensors = self._runner.run(coro, timeout)
+            with waiting():  # other micro-batches run meanwhile
+                header, tensors = self._runner.run(coro, timeout)
         except TimeoutError:
             raise self._fail(
                 what, f"no answer within {timeout:.0f}s; the expert may have died (raise request_timeout for slow links)",
@@ -115,6 +136,14 @@ class ExpertHandle:
     def _stream(
         self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor], timeout: Optional[float] = None
     ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        arena, reader = self._arena, self._reader
+        slot = None
+        if arena is not None and reader is not None:
+            header = {**header, "reply_shm": True}
+            written = arena.write(tensors) if tensors else None
+            if written is not None:
+                slot, ticket = written
+                header, tensors = {**header, "shm": ticket}, []
         messages = list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof}, tensors))
 
         async def _requests():  # noqa: ANN202
@@ -123,9 +152,19 @@ class ExpertHandle:
 
         async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
             reply = await getattr(self._stub, method)(_requests())
-            return await unpack_stream(reply) if hasattr(reply, "__aiter__") else unpack([reply])
+            try:
+                return await unpack_stream(reply, reader) if hasattr(reply, "__aiter__") else unpack([reply])
+            except SharedWireError:  # the expert's slot went away or was rewritten: as if the answer was cut short
+                return None, []
 
-        return self._call(method.removeprefix("rpc_"), _go(), timeout)
+        done = False
+        try:
+            result = self._call(method.removeprefix("rpc_"), _go(), timeout)
+            done = True
+            return result
+        finally:
+            if slot is not None:  # the expert has copied the request once it answered; else it may still read it
+                (arena.release if done else arena.retire)(slot)
 
     # ------------------------------------------------------------------ RPCs
     def forward(
@@ -213,7 +252,11 @@ class ExpertHandle:
     def claim(self, ttl: float, timeout: Optional[float] = None) -> dict[str, Any]:
         """Ask for (or renew) this expert's lease for this trainer (its libp2p identity). Returns ``{"granted": bool,
         "ttl", "stage", "fingerprint"}``: the expert's own word on what it serves."""
-        return self._unary("rpc_claim", {"ttl": ttl}, timeout)
+        reply = self._unary("rpc_claim", {"ttl": ttl}, timeout)
+        if (reply.get("granted") and self.shared_memory and self._arena is None and reply.get("host")
+                and reply.get("host") == host_key()):
+            self._arena, self._reader = Arena(), SlotReader()
+        return reply
 
     def release(self, timeout: Optional[float] = None) -> None:
         """Give the lease back (only its holder can)."""
