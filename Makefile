@@ -21,6 +21,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/startup.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pipeline_throughput.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/main_job.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/adaptive_diloco.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/diloco_benchmark.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/data_server.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quant_benchmark.py

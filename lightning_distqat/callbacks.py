@@ -19,7 +19,8 @@ __all__ = ["SwarmMetrics", "SwarmModelSummary", "TrainingSummary", "DiLoCoInnerS
 class SwarmMetrics(Callback):
     """Sends the swarm's series to the Trainer's loggers: ``wire/bytes_sent`` and ``wire/bytes_received`` (tensor
     bytes of the stage calls so far, after encoding) every ``log_every_n_steps`` steps, and ``diloco/round``,
-    ``diloco/group_size``, ``diloco/bytes_sent``, ``diloco/bytes_received`` after every outer round.
+    ``diloco/group_size``, ``diloco/bytes_sent``, ``diloco/bytes_received``, ``diloco/inner_seconds`` (the inner phase
+    before the round) and ``diloco/batch_size`` (samples per inner step) after every outer round.
 
     :class:`~lightning_distqat.DistqatStrategy` adds one to its Trainer unless the user passed their own.
     """

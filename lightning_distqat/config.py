@@ -214,9 +214,16 @@ class ExpertConfig:
     """When the expert takes a stage (at start or after a move), load that stage's newest state from one of the
     ``mirror_peers`` that announces itself and has the stage."""
 
+    slowdown: float = 1.0
+    """Test hook: every forward and backward of this expert takes this many times its compute time (it sleeps the
+    rest), as a slower machine would. 1: off."""
+
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
         self.initial_peers = peers_from(self.initial_peers, "ExpertConfig") or []
+        if not isinstance(self.slowdown, (int, float)) or isinstance(self.slowdown, bool) \
+                or not 1 <= self.slowdown <= 1000:
+            raise ValueError(f"ExpertConfig: slowdown must be a number in [1, 1000], got {self.slowdown!r}")
 
 
 @dataclass(kw_only=True)

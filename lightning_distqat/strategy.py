@@ -22,10 +22,11 @@ from lightning_distqat.callbacks import (CountRemoteStages, DiLoCoCheckpointStat
                                          SwarmMetrics)
 from lightning_distqat.config import QuantConfig, SwarmConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
+from lightning_distqat.diloco.rounds import TrainerRounds
 from lightning_distqat.plugins import ClipAcrossSwarm, mix_in
 from lightning_distqat.ranks import LocalRanksStrategy
 from lightning_distqat.swarm.membership import SwarmMembership
-from lightning_distqat.swarm.overlap import JoinMicroLosses, MicroBatches, split_batch
+from lightning_distqat.swarm.overlap import JoinMicroLosses, MicroBatches, batch_rows, first_rows, split_batch
 from lightning_distqat.swarm.pipeline import RemotePipeline
 from lightning_distqat.swarm.stages import resolve_stages
 
@@ -222,6 +223,7 @@ class DistqatStrategy(LocalRanksStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         rounds = self.membership.rounds if self.membership is not None else None
         if rounds is not None and args:
+            args = (self._replica_share(rounds, args[0]), *args[1:])
             rounds.samples_since_round += self._batch_size(args[0])
         parts = self._micro_batches_of(args[0] if args else None)
         if parts is None:
@@ -231,6 +233,16 @@ class DistqatStrategy(LocalRanksStrategy):
         outputs = self._micro.run(lambda part: super(DistqatStrategy, self).training_step(part[0], *args[1:], **kwargs),
                                   parts)
         return self._join(outputs, [n / sum(n for _, n in parts) for _, n in parts])
+
+    @staticmethod
+    def _replica_share(rounds: TrainerRounds, batch: Any) -> Any:
+        """The rows of ``batch`` this DiLoCo replica trains on: all of them, or its (fixed or adapted)
+        ``batch_size`` first rows."""
+        rows = batch_rows(batch)
+        if rows is None:
+            return batch
+        rounds.full_batch = max(rounds.full_batch, rows)
+        return first_rows(batch, rounds.batch_size) if rounds.batch_size and rounds.batch_size < rows else batch
 
     def _micro_batches_of(self, batch: Any) -> Optional[list[tuple[Any, int]]]:
         """The micro-batches of a training batch, or None to run it whole (one micro-batch, no pipeline, manual

@@ -1,4 +1,6 @@
-"""A trainer process for the DiLoCo tests: `python -m tests.diloco_trainer OUT RANK MAX_STEPS PEER [--stages]`.
+"""A trainer process for the DiLoCo tests: `python -m tests.diloco_trainer OUT RANK MAX_STEPS PEER [--stages]
+[--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N]` (adaptive batch sizing; the model's width, the
+loader's batch size, steps between snapshots, inner steps per round).
 
 Prints "ROUND <n> <group size>" after every outer round and saves its reports and final parameters to OUT.
 """
@@ -12,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_distqat import DiLoCoConfig, DistqatStrategy, SwarmConfig
+from lightning_distqat.callbacks import TrainingSummary
 from tests.helpers import ThreeStageNet, toy_loader
 
 H = 3
@@ -33,18 +36,24 @@ class _Announce(Callback):
 def main() -> None:
     out, rank, max_steps, peer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     stages = ["stem", "body", "head"] if "--stages" in sys.argv else None
+    options = dict(arg.removeprefix("--").split("=") for arg in sys.argv[5:] if "=" in arg)
     pl.seed_everything(0)  # same initial weights on every replica
-    model = ThreeStageNet(optimizer="adamw")
+    model = ThreeStageNet(optimizer="adamw", width=int(options.get("width", 32)))
     announce = _Announce()
     strategy = DistqatStrategy(
         stages=stages,
-        swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90),
-        diloco=DiLoCoConfig(inner_steps=H, matchmaking_time=2.0, averaging_timeout=20.0),
+        swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90,
+                          mirror_every=int(options.get("mirror-every", 10))),
+        diloco=DiLoCoConfig(inner_steps=int(options.get("h", H)), matchmaking_time=2.0, averaging_timeout=20.0,
+                            adaptive_batch_size="--adaptive" in sys.argv),
     )
+    summary = TrainingSummary()
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[announce], strategy=strategy)
-    trainer.fit(model, toy_loader(n=256, seed=100 + rank))  # a different shard of data per replica
-    torch.save({"reports": strategy.diloco_reports, "losses": announce.losses, "state": model.state_dict()}, out)
+                         enable_model_summary=False, callbacks=[announce, summary], strategy=strategy)
+    batch = int(options.get("batch", 8))  # a different shard of data per replica:
+    trainer.fit(model, toy_loader(n=max(256, 2 * batch), batch_size=batch, seed=100 + rank))
+    torch.save({"reports": strategy.diloco_reports, "losses": announce.losses, "state": model.state_dict(),
+                "seconds": summary.summary["seconds"]}, out)
     print("DONE", flush=True)
 
 

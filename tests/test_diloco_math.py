@@ -110,3 +110,61 @@ def test_state_dict_round_trip_for_late_joiners():
     assert torch.equal(b.weight, a.weight) and torch.equal(sb.outer[0], sa.outer[0])
     assert torch.equal(sb.optimizer.state_dict()["state"][0]["momentum_buffer"],
                        sa.optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_adapted_batch_takes_the_fastest_replicas_step_time_and_converges():
+    from lightning_distqat.diloco.pace import adapted_batch, parse_pace
+
+    fast, slow = {"sps": 0.001, "full": 64}, {"sps": 0.003, "full": 64}  # 64 ms and 192 ms per whole batch
+    assert adapted_batch(fast, [fast, slow]) == 64  # the fastest keeps its whole batch
+    assert adapted_batch(slow, [fast, slow]) == 21  # 64 ms / 3 ms per sample
+    junk = [None, {"sps": -1.0, "full": 64}, {"sps": float("nan"), "full": 2}, {"sps": 1e-9, "full": True},
+            {"sps": 1e-9, "full": 64, "extra": 1}, {"sps": 1, "full": 64}, "fast"]
+    assert all(parse_pace(j) is None for j in junk)
+    assert adapted_batch(slow, [slow, *junk]) == 64  # a stranger's junk cannot shrink a replica's batch
+
+    # a step costs c + a * b: the batch converges to the fastest replica's step time, without overshooting
+    c, a, tau, b = 0.02, 0.003, 0.02 + 0.001 * 64, 64
+    history = []
+    for _ in range(8):
+        sps = (c + a * b) / b
+        b = adapted_batch({"sps": sps, "full": 64}, [{"sps": tau / 64, "full": 64}])
+        history.append(b)
+    assert history == sorted(history, reverse=True), history
+    assert abs((c + a * history[-1]) - tau) <= 0.05 * tau, history
+
+
+def test_per_replica_fields_are_not_shared_with_experts():
+    config = DiLoCoConfig(inner_steps=5, adaptive_batch_size=True, batch_size_per_step=16)
+    shared = config.shared()
+    assert "adaptive_batch_size" not in shared and "batch_size_per_step" not in shared and shared["inner_steps"] == 5
+    assert DiLoCoConfig(**shared).shared() == shared
+    import pytest
+
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size_per_step"):
+            DiLoCoConfig(batch_size_per_step=bad)
+
+
+def test_a_damped_batch_follows_the_target_without_overshooting():
+    from lightning_distqat.diloco.pace import adapted_batch
+
+    c, a, tau, b = 0.02, 0.003, 0.02 + 0.001 * 64, 64  # as above: the fixed point is about 21
+    history = []
+    for _ in range(12):
+        b = adapted_batch({"sps": (c + a * b) / b, "full": 64, "batch": b}, [{"sps": tau / 64, "full": 64}])
+        history.append(b)
+    assert history == sorted(history, reverse=True) and history[0] < 64, history
+    assert abs((c + a * history[-1]) - tau) <= 0.05 * tau, history
+
+
+def test_the_fastest_replica_keeps_its_whole_batch_whatever_the_earlier_rounds_said():
+    from lightning_distqat.diloco.pace import adapted_batch
+
+    fastest = {"sps": 0.002, "full": 64, "batch": 64}
+    assert adapted_batch(fastest, [{"sps": 0.01, "full": 64}], tau=0.05) == 64  # an earlier, faster round's target
+    slow = {"sps": 0.004, "full": 64, "batch": 64}
+    assert adapted_batch(slow, [{"sps": 0.002, "full": 64}], tau=0.2) == adapted_batch(slow, [{"sps": 0.002,
+                                                                                               "full": 64}])
+    assert adapted_batch(slow, [{"sps": 0.002, "full": 64}], tau=0.064) < adapted_batch(slow, [{"sps": 0.002,
+                                                                                                "full": 64}])

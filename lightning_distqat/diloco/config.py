@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
 
 from lightning_distqat.config import PSEUDO_GRADIENT_CODECS
 
@@ -67,7 +67,32 @@ class DiLoCoConfig:
     """A peer's outer state is adopted only if its distance from this replica's outer params, relative to their norm,
     is at most this (and all of it is finite)."""
 
+    adaptive_batch_size: bool = False
+    """Heterogeneous replicas: each replica's samples per inner step are set every round from the paces the group
+    announced (``diloco/pace.py``), so that a slower pipeline takes fewer samples per step and every replica reaches
+    the next round at about the same time instead of the fast ones waiting; pseudo-gradients stay weighted by
+    samples. The batches the loader gives are cut to that size (the rest of each batch is skipped). Off by default:
+    which samples train then depends on timing, so runs are not reproducible."""
+
+    batch_size_per_step: Optional[int] = None
+    """This replica's samples per inner step, fixed (the first rows of each batch); overrides
+    ``adaptive_batch_size``. A per-replica setting: replicas may differ in it."""
+
+    PER_REPLICA: ClassVar[tuple[str, ...]] = ("adaptive_batch_size", "batch_size_per_step")
+    """Fields that are this replica's own business (not sent to experts, not compared between replicas)."""
+
+    def shared(self) -> dict[str, Any]:
+        """The settings every replica of an experiment must share (what experts compare)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PER_REPLICA}
+
     def __post_init__(self) -> None:
+        if self.batch_size_per_step is not None and (not isinstance(self.batch_size_per_step, int)
+                                                     or isinstance(self.batch_size_per_step, bool)
+                                                     or self.batch_size_per_step < 1):
+            raise ValueError(f"DiLoCoConfig: batch_size_per_step must be None or an int >= 1, got "
+                             f"{self.batch_size_per_step!r}")
+        if not isinstance(self.adaptive_batch_size, bool):
+            raise ValueError(f"DiLoCoConfig: adaptive_batch_size must be a bool, got {self.adaptive_batch_size!r}")
         for name in ("outer_lr", "averaging_timeout", "matchmaking_time", "max_weight_ratio", "max_norm_ratio",
                      "clip_factor", "max_state_distance"):
             value = getattr(self, name)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import statistics
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -10,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from lightning_distqat.diloco.config import DiLoCoConfig, group_prefix
+from lightning_distqat.diloco.pace import adapted_batch, step_target
 from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.swarm.remote import ExpertError, ExpertHandle
 
@@ -56,6 +60,17 @@ class TrainerRounds:
         self.inner_steps = 0
         self.samples_since_round = 0.0
         self.reports: list[dict[str, Any]] = []
+        self.batch_size: Optional[int] = config.batch_size_per_step
+        """Samples per inner step this replica takes from each batch (None: the whole batch): the fixed
+        ``batch_size_per_step``, or with ``adaptive_batch_size`` the size set after each round."""
+        self.full_batch = 0
+        """The largest batch seen (the strategy sets it): the most an adapted batch may take."""
+        self._inner_started = self._step_mark = time.monotonic()
+        self._step_seconds: list[float] = []
+        self._targets: deque[float] = deque(maxlen=3)
+        """The fastest replica's step time in the last rounds (adaptive batch sizing aims at the lowest)."""
+        """Seconds of each inner step since the last round (the pace takes their median: one slow step, a collection
+        or a hiccup of the network, does not count)."""
 
     def start(self, restore: Optional[Mapping[str, Any]] = None) -> int:
         """Join every averaging group (loading a peer's outer state where one exists; with ``restore``, what
@@ -73,6 +88,7 @@ class TrainerRounds:
         if self._sync is not None:
             newer_only = bool(restore) and restore.get("local") is not None
             rounds.append(self._sync.start(newer_only=newer_only).state.round)
+        self._inner_started = self._step_mark = time.monotonic()
         return max(rounds, default=0)
 
     def state_dict(self, *, failover: bool = True) -> dict[str, Any]:
@@ -88,7 +104,7 @@ class TrainerRounds:
         """Start DiLoCo on an expert: it joins its stage's averaging group and loads the outer state of a live
         replica if there is one. ``listen_first``: it joins mid-round (a replacement), so in its first round it
         takes the others' aggregate instead of adding its own few steps."""
-        return handle.diloco("start", timeout=self._timeout, config=asdict(self.config), solo=self.solo,
+        return handle.diloco("start", timeout=self._timeout, config=self.config.shared(), solo=self.solo,
                              listen_first=listen_first)
 
     def join_replacement(self, stage: str, handle: ExpertHandle) -> str:
@@ -100,21 +116,36 @@ class TrainerRounds:
         """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
         passed. Returns that round's report."""
         self.inner_steps += 1
+        now = time.monotonic()
+        self._step_seconds.append(now - self._step_mark)
+        self._step_mark = now
         if self.inner_steps % self.config.inner_steps:
             return None
         return self._round()
 
+    def _pace(self, samples: float, seconds: float) -> Optional[dict[str, Any]]:
+        """This replica's pace for adaptive batch sizing (None when it does not adapt)."""
+        if not self.config.adaptive_batch_size or self.config.batch_size_per_step is not None or not self.full_batch \
+                or samples <= 0 or seconds <= 0:
+            return None
+        return {"sps": float(seconds / samples), "full": int(self.full_batch)}
+
     def _round(self) -> dict[str, Any]:
         samples, self.samples_since_round = self.samples_since_round, 0.0
+        inner_seconds = time.monotonic() - self._inner_started
+        steps, self._step_seconds = self._step_seconds, []
+        typical = statistics.median(steps) * len(steps) if steps else inner_seconds
+        pace = self._pace(samples, typical)
+        fields = {"samples": samples, **({"pace": pace} if pace else {})}
         pending = []
         if self.handles:  # all stages at once, so the pipeline syncs at one inner step
             assert self._pool is not None
-            pending = [self._pool.submit(self._call, stage,
-                                         lambda h: h.diloco("round", self._timeout, samples=samples))
+            pending = [self._pool.submit(self._call, stage, lambda h: h.diloco("round", self._timeout, **fields))
                        for stage in self.handles]
         per_group: dict[str, dict[str, Any]] = {}
         if self._sync is not None:  # this trainer's own parameters, while the experts run their rounds
-            per_group[self._group] = {**asdict(self._sync.round(samples)), "checksum": self._sync.state.checksum()}
+            per_group[self._group] = {**asdict(self._sync.round(samples, pace=pace)),
+                                      "checksum": self._sync.state.checksum()}
         per_group.update({stage: f.result() for stage, f in zip(self.handles, pending)})
         for group, r in per_group.items():
             if r.get("failed"):
@@ -130,8 +161,19 @@ class TrainerRounds:
             "bytes_sent": sum(r["bytes_sent"] for r in per_group.values()),
             "bytes_received": sum(r["bytes_received"] for r in per_group.values()),
             "checksums": {group: r["checksum"] for group, r in per_group.items()},
+            "inner_seconds": inner_seconds,
+            "batch_size": self.batch_size or self.full_batch,
         }
+        if pace is not None and self.reports:  # not after the first round of a fit: it includes the warm-up
+            # every group holds the same replicas: their paces, whichever group brought them
+            paces = [p for r in per_group.values() for p in r.get("paces") or []]
+            self._targets.append(step_target(pace, paces))
+            self.batch_size = adapted_batch({**pace, "batch": report["batch_size"]}, paces, min(self._targets))
+            if self.batch_size != report["batch_size"]:
+                log.info("DiLoCo: this replica takes %d of %d samples per inner step from now on (its pace: %.2f ms "
+                         "per sample)", self.batch_size, self.full_batch, 1000 * pace["sps"])
         self.reports.append(report)
+        self._inner_started = self._step_mark = time.monotonic()
         return report
 
     def finish(self, *, keep_outer: bool) -> None:

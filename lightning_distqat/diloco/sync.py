@@ -25,6 +25,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from lightning_distqat._process import die_with_parent, exit_with_parent
+from lightning_distqat.diloco.pace import parse_pace
 from lightning_distqat.diloco.aggregate import Contribution, robust_aggregate
 from lightning_distqat.diloco.compression import compressed_bytes, pseudo_gradient_compression
 from lightning_distqat.diloco.config import DiLoCoConfig
@@ -50,6 +51,8 @@ class RoundReport:
     """Why the exchange failed, when it did (the replica then loaded a peer's newer state or stepped alone)."""
     excluded: dict[str, str] = field(default_factory=dict)
     """Replicas of the group whose contributions were left out (by peer id), and why."""
+    paces: list[dict[str, Any]] = field(default_factory=list)
+    """The paces the group's members announced for adaptive batch sizing (``diloco/pace.py``), well-formed ones only."""
 
 
 class _Averager(DecentralizedAverager):
@@ -350,9 +353,10 @@ class DiLoCoSync:
                         raise ValueError(f"its outer optimizer state {name!r} is larger than max_state_distance "
                                          "times our outer params")
 
-    def round(self, samples: float) -> RoundReport:
+    def round(self, samples: float, pace: Optional[dict[str, Any]] = None) -> RoundReport:
         """Average pseudo-gradients with the replicas that show up within ``averaging_timeout`` (weighted by
-        ``samples`` processed since the last round), take the outer step, reset local params.
+        ``samples`` processed since the last round), take the outer step, reset local params. ``pace`` (this
+        replica's seconds per sample and whole batch) is announced to the group; the report carries the members'.
 
         A replica left out of every group loads the outer state of a peer that took part if there is one (so it
         rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. With
@@ -369,7 +373,9 @@ class DiLoCoSync:
             try:
                 group = self._averager.step(
                     weight=0.0 if listening else max(float(samples), 1e-6), timeout=self.config.averaging_timeout,
-                    allow_retries=False, gather={"round": self.state.round, "digest": self.state.digest()},
+                    allow_retries=False,
+                    gather={"round": self.state.round, "digest": self.state.digest(),
+                            **({"pace": pace} if pace else {})},
                 )
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 error = "".join(traceback.format_exception_only(e)).strip()
@@ -405,6 +411,9 @@ class DiLoCoSync:
         else:
             self.state.apply(pseudo)
             report = RoundReport(self.state.round, 1, 0, 0, failed=error)
+        if group and isinstance(group, dict):
+            report.paces = [p for data in group.values() if isinstance(data, dict)
+                            and (p := parse_pace(data.get("pace"))) is not None]
         self.reports.append(report)
         return report
 

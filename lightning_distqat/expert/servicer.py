@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
+from lightning_distqat.diloco.pace import parse_pace
 from lightning_distqat.diloco.sync import DiLoCoSync
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
@@ -114,6 +115,15 @@ class ExpertServicer(ServicerBase):
     # ------------------------------------------------------------------ plumbing
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+
+    def _slowed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, taking ``ExpertConfig.slowdown`` times as long (the test hook; on the worker)."""
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self.config.slowdown > 1:
+                time.sleep((self.config.slowdown - 1) * (time.perf_counter() - started))
 
     def _error(self, what: str, e: BaseException) -> dict[str, Any]:
         self.requests_failed += 1
@@ -231,7 +241,7 @@ class ExpertServicer(ServicerBase):
         async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
             tensors = await self._run(_decoded, header, tensors, self.config.max_request_bytes)
             outputs, layout = await self._run(
-                self.backend.forward, str(header["request_id"]), header["layout"], tensors,
+                self._slowed, self.backend.forward, str(header["request_id"]), header["layout"], tensors,
                 training=bool(header["training"]), need_grad=bool(header["need_grad"]),
             )
             return _encoded({"layout": layout}, header, outputs, f"stage '{self.backend.name}' output")
@@ -243,7 +253,7 @@ class ExpertServicer(ServicerBase):
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def body(header: dict, grad_outputs: list, caller: str) -> tuple[dict, list]:
-            grads = await self._run(self.backend.backward, str(header["request_id"]),
+            grads = await self._run(self._slowed, self.backend.backward, str(header["request_id"]),
                                     await self._run(_decoded, header, grad_outputs, self.config.max_request_bytes))
             return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
                             f"stage '{self.backend.name}' input gradient")
@@ -358,7 +368,11 @@ class ExpertServicer(ServicerBase):
                 raise StageError(f"DiLoCo op {op!r} before 'start'")
             if op == "round":
                 samples = float(header["samples"])
-                return {**asdict(self.diloco.round(samples)), "checksum": self.diloco.state.checksum()}
+                pace = header.get("pace")
+                if pace is not None and parse_pace(pace) is None:
+                    raise StageError(f"a round's pace is {{'sps': seconds per sample > 0, 'full': batch size >= 1}}, "
+                                     f"got {pace!r:.100}")
+                return {**asdict(self.diloco.round(samples, pace=pace)), "checksum": self.diloco.state.checksum()}
             if op == "finish":
                 self.diloco.state.copy_to_local()
                 return {"round": self.diloco.state.round}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["waiting", "MicroBatches", "split_batch", "JoinMicroLosses"]
+__all__ = ["waiting", "MicroBatches", "split_batch", "batch_rows", "first_rows", "JoinMicroLosses"]
 
 _local = threading.local()
 
@@ -71,6 +71,19 @@ def _cut(value: Any, rows: int, bounds: list[tuple[int, int]]) -> list[Any]:
             return [type(value)(*p) for p in parts]
         return [type(value)(p) for p in parts]
     return [value] * len(bounds)
+
+
+def batch_rows(batch: Any) -> Optional[int]:
+    """The batch dimension: the first dimension of the batch's first tensor (None without one)."""
+    return _rows(batch)
+
+
+def first_rows(batch: Any, n: int) -> Any:
+    """The first ``n`` rows of every tensor of ``batch`` along its batch dimension (other values as they are)."""
+    rows = _rows(batch)
+    if rows is None or n >= rows:
+        return batch
+    return _cut(batch, rows, [(0, n)])[0]
 
 
 def split_batch(batch: Any, m: int) -> Optional[list[tuple[Any, int]]]:
