@@ -67,10 +67,10 @@ class TrainerRounds:
         """The largest batch seen (the strategy sets it): the most an adapted batch may take."""
         self._inner_started = self._step_mark = time.monotonic()
         self._step_seconds: list[float] = []
-        self._targets: deque[float] = deque(maxlen=3)
-        """The fastest replica's step time in the last rounds (adaptive batch sizing aims at the lowest)."""
         """Seconds of each inner step since the last round (the pace takes their median: one slow step, a collection
         or a hiccup of the network, does not count)."""
+        self._targets: deque[float] = deque(maxlen=3)
+        """The fastest replica's step time in the last rounds (adaptive batch sizing aims at the lowest)."""
 
     def start(self, restore: Optional[Mapping[str, Any]] = None) -> int:
         """Join every averaging group (loading a peer's outer state where one exists; with ``restore``, what

@@ -87,21 +87,19 @@ class ExpertServicer(ServicerBase):
         self.backend = backend
         return sync
 
-    def _fresh_slots(self) -> None:
-        """Unlink the answer slots and unmap the callers' slots (their owners unlink them)."""
+    def _fresh_slots(self, reopen: bool = True) -> None:
+        """Unlink the answer slots and unmap the callers' slots (their owners unlink them); then new ones, unless
+        the expert is stopping."""
         if self._arena is not None:
             self._arena.close()
-            self._arena = Arena()
+            self._arena = Arena() if reopen else None
         if self._reader is not None:
             self._reader.close()
-            self._reader = SlotReader()
+            self._reader = SlotReader() if reopen else None
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
-        if self._arena is not None:
-            self._arena.close()
-        if self._reader is not None:
-            self._reader.close()
+        self._fresh_slots(reopen=False)
         if self.diloco is not None:
             self.diloco.shutdown()
             self.diloco = None
