@@ -6,7 +6,8 @@ measures that: ~0.4 ms on an open stream, ~1.2 ms with a new stream per call).
 
 Rows: ``info`` (a unary RPC: framing, access checks, no tensors, no executor), ``forward, no grad`` (a streamed call
 with a 1x64 tensor through the expert's worker thread), ``forward + backward`` (the pair a training step makes per
-stage), each the median of ``--calls`` calls.
+stage), each the median of ``--calls`` calls; the streamed ones with a new stream per call and on the expert's session
+stream (``SwarmConfig.sessions``), alternating in thirds.
 """
 
 from __future__ import annotations
@@ -61,12 +62,21 @@ def main(calls: int) -> None:
             outputs, _ = handle.forward(rid, layout, tensors, training=True, need_grad=True)
             handle.backward(rid, [torch.ones_like(outputs[0])])
 
-        rows = [("info (unary)", _median_ms(handle.info, calls)),
-                ("forward, no grad (stream)", _median_ms(forward_only, calls)),
-                ("forward + backward (2 streams)", _median_ms(forward_backward, calls))]
-        print(f"{'call':<32} {'median':>9}")
-        for name, ms in rows:
-            print(f"{name:<32} {ms:>6.2f} ms")
+        def both(fn) -> tuple[float, float]:  # noqa: ANN001 - a new stream per call, then the session, alternating
+            per_call, session = [], []
+            for _ in range(3):
+                handle.sessions = False
+                per_call.append(_median_ms(fn, calls // 3))
+                handle.sessions = True
+                session.append(_median_ms(fn, calls // 3))
+            return statistics.median(per_call), statistics.median(session)
+
+        info = _median_ms(handle.info, calls)
+        rows = [("forward, no grad", *both(forward_only)), ("forward + backward", *both(forward_backward))]
+        print(f"{'call':<22} {'stream per call':>16} {'session':>9} {'ratio':>6}")
+        print(f"{'info (unary)':<22} {info:>13.2f} ms")
+        for name, per_call, session in rows:
+            print(f"{name:<22} {per_call:>13.2f} ms {session:>6.2f} ms {per_call / session:>6.2f}")
     finally:
         if client is not None:
             client.shutdown()

@@ -1,8 +1,8 @@
 """Throughput of the 3-stage embedded pipeline relative to training the same module in one process.
 
 For a small and a medium stage width, the one-process fit and every pipeline schedule alternate (ROUNDS times each,
-in one run): tensors as bytes through the P2P stream, through shared memory (the default), and with 2 and 4
-micro-batches in flight; samples/s are timed from on_train_start to on_train_end, so the swarm's start-up and
+in one run): tensors as bytes on a new P2P stream per call, then through shared memory, then on one session stream
+per expert (the defaults), and with 2 and 4 micro-batches in flight; samples/s are timed from on_train_start to on_train_end, so the swarm's start-up and
 teardown are excluded (and printed apart: the rest of the fit). Every process runs with OMP_NUM_THREADS=1.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline_throughput.py [--steps 40] [--rounds 3]
@@ -52,8 +52,9 @@ class Mlp3(pl.LightningModule):
 
 
 SCHEDULES = {
-    "bytes": {"swarm": SwarmConfig(shared_memory=False)},
-    "shared memory (default)": {},
+    "bytes, a stream per call": {"swarm": SwarmConfig(shared_memory=False, sessions=False)},
+    "+ shared memory": {"swarm": SwarmConfig(sessions=False)},
+    "+ sessions (default)": {},
     "+ 2 micro-batches": {"micro_batches": 2},
     "+ 4 micro-batches": {"micro_batches": 4},
 }

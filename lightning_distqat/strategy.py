@@ -197,6 +197,8 @@ class DistqatStrategy(LocalRanksStrategy):
             super().setup_optimizers(trainer)
         started = time.monotonic()
         self.pipeline.configure(self.optimizers)
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm in (None, "norm"):
+            self.pipeline.clip_by_norm(2.0)  # as Lightning clips: backward answers bring the experts' grad norms
         self.membership.timings["configure"] = time.monotonic() - started
 
     # ------------------------------------------------------------------ training

@@ -72,18 +72,20 @@ class Losses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("stage,when,accumulate,step,steps,mirror_every", [
-    ("body", "batch_start", 1, 10, 40, 10),
-    ("stem", "before_backward", 1, 3, 6, 1),
-    ("head", "before_optimizer_step", 1, 3, 6, 1),
-    ("body", "before_backward", 2, 3, 6, 1),
-], ids=["forward-default-mirror", "backward", "step", "backward-accumulating"])
+@pytest.mark.parametrize("stage,when,accumulate,step,steps,mirror_every,micro_batches", [
+    ("body", "batch_start", 1, 10, 40, 10, 1),
+    ("stem", "before_backward", 1, 3, 6, 1, 1),
+    ("head", "before_optimizer_step", 1, 3, 6, 1, 1),
+    ("body", "before_backward", 2, 3, 6, 1, 1),
+    ("body", "before_backward", 1, 3, 6, 1, 2),
+], ids=["forward-default-mirror", "backward", "step", "backward-accumulating", "backward-micro-batches"])
 def test_a_killed_expert_is_replaced_by_a_spare_and_training_matches_plain_lightning(stage, when, accumulate, step,
-                                                                                   steps, mirror_every):
-    """SIGKILL one stage's expert at ``step``, in the forward, the backward or the optimizer step, when the newest
-    snapshot is of the step before (every ``mirror_every`` steps; the default 10 for the kill at step 10 of 40):
-    the trainer takes the spare, loads that snapshot, replays the step in flight and ends with the same losses at
-    every step and the same parameters as plain Lightning."""
+                                                                                   steps, mirror_every, micro_batches):
+    """SIGKILL one stage's expert at ``step``, in the forward, the backward or the optimizer step (which the trainer
+    sends without waiting: the replacement replays it), when the newest snapshot is of the step before (every
+    ``mirror_every`` steps; the default 10 for the kill at step 10 of 40): the trainer takes the spare, loads that
+    snapshot, replays the step in flight and ends with the same losses at every step and the same parameters as
+    plain Lightning; with 2 micro-batches in flight too (both find the expert gone; one replaces it)."""
     killer = KillCurrentExpert(stage, step=step, when=when)
     plain_losses, swarm_losses = Losses(), Losses()
     local, _ = fit_params(ThreeStageNet, max_steps=steps, accumulate_grad_batches=accumulate,
@@ -91,6 +93,7 @@ def test_a_killed_expert_is_replaced_by_a_spare_and_training_matches_plain_light
     swarm, trainer = fit_params(
         ThreeStageNet, max_steps=steps, callbacks=[killer, swarm_losses], accumulate_grad_batches=accumulate,
         strategy=DistqatStrategy(stages=["stem", "body", "head"], spare_experts=1, mirror_every=mirror_every,
+                                 micro_batches=micro_batches,
                                  swarm=SwarmConfig(request_timeout=10, failover_timeout=30)),
     )
     assert trainer.global_step == steps

@@ -90,18 +90,27 @@ def test_manual_optimization_with_clipping_matches_plain_lightning(peers):
     unclipped, _ = fit_params(lambda: _ManualClip(clip=False), max_steps=5)
     assert max_rel_diff(unclipped.state_dict(), local.state_dict()) > 1e-3, "the clipping at hand must matter"
     strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity")
-    remote, _ = fit_params(_ManualClip, max_steps=5, strategy=strategy)
+    schedule = _Schedule()
+    remote, _ = fit_params(_ManualClip, max_steps=5, strategy=strategy, callbacks=[schedule])
     assert max_rel_diff(remote.state_dict(), local.state_dict()) <= 1e-5
+    # the Trainer was not told to clip, so backwards bring no norms: the norms are asked for, once per step
+    assert schedule.norm_calls == {s: 5 for s in STAGES}
 
 
 class _Schedule(pl.Callback):
-    """Records whether each stage's tensors went through shared memory."""
+    """Records, per stage, whether tensors went through shared memory, how many session streams were opened and how
+    many grad_norm calls were made."""
 
     def __init__(self) -> None:
         self.shared: dict[str, bool] = {}
+        self.sessions: dict[str, int] = {}
+        self.norm_calls: dict[str, int] = {}
 
     def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
-        self.shared = {s: h.shares_memory for s, h in trainer.strategy.pipeline.handles.items()}
+        handles = trainer.strategy.pipeline.handles
+        self.shared = {s: h.shares_memory for s, h in handles.items()}
+        self.sessions = {s: h.sessions_opened for s, h in handles.items()}
+        self.norm_calls = {s: h.grad_norm_calls for s, h in handles.items()}
 
 
 def _wide_batches():
@@ -110,26 +119,37 @@ def _wide_batches():
 
 @pytest.mark.parametrize("micro_batches", [1, 2, 4])
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "bytes"])
-def test_every_schedule_matches_plain_lightning(peers, shared_memory, micro_batches):
-    """Shared memory on and off, 1, 2 and 4 micro-batches in flight: the parameters after 5 steps are plain
-    Lightning's."""
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "stream-per-call"])
+def test_every_schedule_matches_plain_lightning(peers, sessions, shared_memory, micro_batches):
+    """Session streams on and off, shared memory on and off, 1, 2 and 4 micro-batches in flight (and the optimizer
+    steps never waited for): the parameters after 5 steps are plain Lightning's."""
     local, _ = fit_params(ThreeStageNet, _wide_batches, max_steps=5)
     schedule = _Schedule()
     strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity", micro_batches=micro_batches,
-                               swarm=SwarmConfig(shared_memory=shared_memory))
+                               swarm=SwarmConfig(shared_memory=shared_memory, sessions=sessions))
     remote, trainer = fit_params(ThreeStageNet, _wide_batches, max_steps=5, strategy=strategy, callbacks=[schedule])
     assert trainer.global_step == 5
     assert schedule.shared == {s: shared_memory for s in STAGES}
+    if sessions:  # one stream per expert for the whole fit
+        assert schedule.sessions == {s: 1 for s in STAGES}
+    else:
+        assert schedule.sessions == {s: 0 for s in STAGES}
     diff = max_rel_diff(remote.state_dict(), local.state_dict())
     assert diff <= 1e-5, f"max relative parameter difference {diff:.2e}"
 
 
-def test_uneven_micro_batches_with_accumulation_and_clipping_match_plain_lightning(peers):
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "stream-per-call"])
+def test_uneven_micro_batches_with_accumulation_and_clipping_match_plain_lightning(peers, sessions):
     """3 micro-batches of a 64-sample batch (21, 21, 22), 2 batches accumulated, gradients clipped by the norm over
-    every stage."""
+    every stage: the experts' norms come with their backward answers (no grad_norm call)."""
     kwargs = {"max_steps": 3, "accumulate_grad_batches": 2, "gradient_clip_val": 0.05}
     local, _ = fit_params(ThreeStageNet, _wide_batches, **kwargs)
-    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity", micro_batches=3)
-    remote, _ = fit_params(ThreeStageNet, _wide_batches, strategy=strategy, **kwargs)
+    unclipped, _ = fit_params(ThreeStageNet, _wide_batches, max_steps=3, accumulate_grad_batches=2)
+    assert max_rel_diff(unclipped.state_dict(), local.state_dict()) > 1e-3, "the clipping at hand must matter"
+    schedule = _Schedule()
+    strategy = DistqatStrategy(stages=STAGES, initial_peers=peers, experiment="parity", micro_batches=3,
+                               swarm=SwarmConfig(sessions=sessions))
+    remote, _ = fit_params(ThreeStageNet, _wide_batches, strategy=strategy, callbacks=[schedule], **kwargs)
+    assert schedule.norm_calls == {s: 0 for s in STAGES}
     diff = max_rel_diff(remote.state_dict(), local.state_dict())
     assert diff <= 1e-5, f"max relative parameter difference {diff:.2e}"

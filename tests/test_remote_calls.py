@@ -16,6 +16,7 @@ from lightning_distqat import ExpertError, SwarmConfig
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.quant.codecs import QuantizationError
 from lightning_distqat.swarm import remote
+from lightning_distqat.swarm import session as session_module
 from lightning_distqat.swarm.client import SwarmClient
 from lightning_distqat.swarm.embedded import EmbeddedSwarm
 from lightning_distqat.swarm.records import stage_fingerprint
@@ -103,31 +104,52 @@ def test_what_cannot_cross_the_wire_is_named(swarm):
         RemoteStage("nested", handles)(torch.ones(1), {1: torch.ones(1)}, torch.tensor([0]))
 
 
-def test_a_lost_answer_is_retried_without_counting_twice(swarm, monkeypatch):
-    """The P2P stream of the first forward and of the first backward ends without the answer (as a reset stream
-    does); the trainer asks again, the expert answers again, and its gradients are accumulated once."""
+@pytest.mark.parametrize("sessions", [True, False], ids=["session", "stream-per-call"])
+def test_a_lost_answer_is_retried_without_counting_twice(swarm, monkeypatch, sessions):
+    """The answer of the first forward and of the first backward is lost on the way (the call's P2P stream ends
+    without it, as a reset stream does; or the session stream breaks: its calls in flight get no answer); the
+    trainer asks again (on a new session), the expert answers again, and its gradients are accumulated once."""
     _, handles = swarm
     handle = handles["lin"]
+    handle.sessions = sessions
     handle.set_state({"module": STAGES["lin"].state_dict()})
+    handle.configure({0: {"cls": "torch.optim.sgd.SGD", "defaults": {"lr": 0.0},
+                          "groups": [{"lr": 0.0, "param_names": ["weight", "bias"]}]}})
+    handle.step(0, [{"lr": 0.0}])  # no gradients left from the other variant
     local = copy.deepcopy(STAGES["lin"])
-    real, calls = remote.unpack_stream, []
+    calls: list[int] = []
+    if sessions:
+        real_unpack = session_module.unpack
 
-    async def lose_first_answers(stream, shared=None):  # noqa: ANN001, ANN202
-        calls.append(1)
-        answer = await real(stream, shared)  # the expert did answer; the answer is lost on the way
-        return (None, []) if len(calls) in (1, 3) else answer
+        def lose_first_answers(messages, shared=None):  # noqa: ANN001, ANN202
+            calls.append(1)
+            answer = real_unpack(messages, shared)  # the expert did answer; the answer is lost on the way
+            return (None, []) if len(calls) in (1, 3) else answer
 
-    monkeypatch.setattr(remote, "unpack_stream", lose_first_answers)
+        monkeypatch.setattr(session_module, "unpack", lose_first_answers)
+    else:
+        real = remote.unpack_stream
+
+        async def lose_first_answers(stream, shared=None):  # noqa: ANN001, ANN202
+            calls.append(1)
+            answer = await real(stream, shared)
+            return (None, []) if len(calls) in (1, 3) else answer
+
+        monkeypatch.setattr(remote, "unpack_stream", lose_first_answers)
+    opened = handle.sessions_opened
     x = torch.randn(5, 3, requires_grad=True)
     out = RemoteStage("lin", handles)(x)
     out.sum().backward()
     assert len(calls) == 4, "the forward and the backward were each sent twice"
+    assert handle.sessions_opened - opened == (2 if sessions else 0)  # each lost answer broke its session
     x_local = x.detach().clone().requires_grad_(True)
     local(x_local).sum().backward()
     assert torch.allclose(out, local(x_local.detach()), atol=1e-6)
     assert torch.allclose(x.grad, x_local.grad, atol=1e-6)
     local_norm = torch.nn.utils.get_total_norm([p.grad for p in local.parameters()])
+    monkeypatch.undo()
     assert handle.grad_norm(2.0) == pytest.approx(float(local_norm), rel=1e-5), "gradients accumulated twice"
+    handle.sessions = True
 
 
 def test_non_finite_values_and_a_lossy_codec(swarm):

@@ -279,10 +279,11 @@ def test_a_call_without_the_lease_is_refused_on_its_first_message(swarm):
 # ---------------------------------------------------------------------- fuzzing and floods
 KEYS = ["request_id", "layout", "training", "need_grad", "enc", "reply_codec", "index", "groups", "clip_norm",
         "clip_value", "op", "config", "samples", "norm_type", "ttl", "optimizers", "qat", "proof", "_n", "tree",
-        "leaves"]
+        "leaves", "call", "acks", "norm", "reply_shm", "state"]
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=12)
-    | st.sampled_from(["t", "none", "int8", "int4", "fp16", "start", "round", "finish", "torch.optim.SGD"]),
+    | st.sampled_from(["t", "none", "int8", "int4", "fp16", "start", "round", "finish", "torch.optim.SGD", "forward",
+                       "backward", "step", "grad_norm", "get_state", "set_state"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS + ["c", "n", "block", "shape",
                                                                                        "dtype", "scale"]),
                                                                  inner, max_size=5),
@@ -299,7 +300,7 @@ REQUEST = st.one_of(
               st.lists(_tensors, max_size=3)),
     st.tuples(st.just("raw"), st.binary(max_size=64), st.lists(_raw_tensor, max_size=3)),
 )
-STREAMED = ["rpc_forward", "rpc_backward", "rpc_set_state"]
+STREAMED = ["rpc_forward", "rpc_backward", "rpc_set_state", "rpc_session"]
 UNARY = ["rpc_step", "rpc_configure", "rpc_grad_norm", "rpc_diloco", "rpc_claim", "rpc_info", "rpc_get_state"]
 
 
@@ -341,7 +342,7 @@ def test_fuzzed_requests_from_a_stranger(swarm, method, request):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(method=st.sampled_from(["rpc_backward", "rpc_set_state", "rpc_step", "rpc_configure", "rpc_grad_norm",
-                               "rpc_get_state"]), request=REQUEST)
+                               "rpc_get_state", "rpc_session"]), request=REQUEST)
 def test_fuzzed_requests_from_the_lease_holder(swarm, method, request):
     trainer, handle, _, _, _ = swarm
     _send(trainer, handle.peer_id, method, request)
@@ -559,3 +560,80 @@ def test_a_stream_message_announcing_a_gigabyte_is_not_read(swarm):
     assert stranger.runner.run(attack(), timeout=60) == b"", "the expert answered a message it should not read"
     assert _rss_mib(pid) - before < 64, "the expert buffered the oversized message"
     _forward_backward_is_right(handle)
+
+
+# ---------------------------------------------------------------------- session streams
+def _session(client: SwarmClient, peer_id: str, requests: list[list]) -> list[dict]:
+    """Open a session stream from ``client``, send each call (a list of messages) in turn and read one answer per
+    call; then close it. Returns the answers' headers."""
+    stub = ExpertServicer.get_stub(client.p2p, PeerID.from_base58(peer_id))
+
+    async def go() -> list[dict]:
+        outgoing: asyncio.Queue = asyncio.Queue()
+        for messages in requests:
+            outgoing.put_nowait(messages)
+
+        async def stream():  # noqa: ANN202
+            while True:
+                for message in await outgoing.get():
+                    yield message
+
+        replies = await stub.rpc_session(stream())
+        headers = []
+        try:
+            for _ in requests:
+                headers.append(unpack(await collect(replies, keep_open=True))[0])
+                if headers[-1] is not None and headers[-1].get("call") == -1:
+                    break
+        finally:
+            await replies.aclose()
+        return headers
+
+    return client.runner.run(go(), timeout=60)
+
+
+def _call(op: str, number: int, header: dict, tensors=()) -> list:  # noqa: ANN001
+    return list(pack(runtime_pb2.ExpertRequest, {**header, "op": op, "call": number}, list(tensors)))
+
+
+def test_a_session_checks_every_call_as_if_it_came_alone(swarm):
+    """On a stranger's session stream: a training forward, a step and a set_state are refused (no lease), an unknown
+    op gets an error, an inference forward is answered, each answer naming its call, in order; a call without a
+    number ends the session (its answer could not be told apart); the expert's weights are unchanged."""
+    _, handle, stranger, _, _ = swarm
+    before = _weights(handle)
+    layout, tensors = flatten_structure(((torch.randn(4, 8),), {}))
+    forward = {"request_id": "s", "layout": layout}
+    answers = _session(stranger, handle.peer_id, [
+        _call("forward", 0, {**forward, "training": True, "need_grad": True}, tensors),
+        _call("step", 1, {"index": 0, "groups": [{"lr": 10.0}]}),
+        _call("set_state", 2, {}, [torch.zeros(3, dtype=torch.uint8)]),
+        _call("format_disk", 3, {}),
+        _call("forward", 4, {**forward, "training": False, "need_grad": False}, tensors),
+        list(pack(runtime_pb2.ExpertRequest, {"op": "grad_norm", "call": "x", "norm_type": 2.0})),
+        _call("forward", 6, {**forward, "training": False, "need_grad": False}, tensors),
+    ])
+    assert [a["call"] for a in answers] == [0, 1, 2, 3, 4, -1], answers  # no number: the session ends there
+    for answer in answers[:3]:
+        assert "needs the expert's lease" in answer["error"], answer
+    assert "op is one of" in answers[3]["error"] and "format_disk" in answers[3]["error"]
+    assert "error" not in answers[4] and "layout" in answers[4]
+    assert "call number" in answers[5]["error"]
+    assert _same(_weights(handle), before)
+    _forward_backward_is_right(handle)
+
+
+def test_a_session_request_that_breaks_the_format_ends_that_session_only(swarm):
+    """A session call announcing more messages than an expert accepts ends its session with an error for call -1
+    (nothing after it is read); the lease holder's own session goes on."""
+    _, handle, stranger, _, _ = swarm
+    flood = runtime_pb2.ExpertRequest(metadata=pack_header({"op": "forward", "call": 0, "_n": 10 ** 9}))
+    answers = _session(stranger, handle.peer_id, [[flood], _call("forward", 1, {})])
+    assert len(answers) == 1 and answers[0]["call"] == -1 and "announces" in answers[0]["error"], answers
+    _forward_backward_is_right(handle)
+
+
+def pack_header(header: dict) -> bytes:
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    return MSGPackSerializer.dumps(header)

@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.swarm.client import rank_candidates
-from lightning_distqat.swarm.messages import (CHUNK_BYTES, flatten_structure, pack, state_to_tensor, tensor_to_state,
+from lightning_distqat.swarm.messages import (CHUNK_BYTES, LayoutError, Malformed, flatten_structure, pack,
+                                              parts_to_state, state_to_parts, state_to_tensor, tensor_to_state,
                                               unpack, unpack_stream)
 from lightning_distqat.swarm.optimizers import OptimizerSplit
 from lightning_distqat.swarm.records import ExpertRecord, RecordError, stage_fingerprint
@@ -55,6 +56,40 @@ def test_pack_unpack_round_trip_splits_large_tensors():
     assert tensor_to_state(state_to_tensor({"a": torch.ones(2), 1: [3, "b"]})).keys() == {"a", 1}
     assert unpack(messages[:-1]) == (None, [])  # a stream cut short is no answer, not a wrong one
     assert unpack([]) == (None, [])
+
+
+def test_a_state_travels_as_a_skeleton_and_its_tensors():
+    """What get_state returns (str and int keys, tuples, 0-d tensors, plain values) survives the msgpack header and
+    comes back with the same types; a skeleton that does not fit its tensors is refused, whatever is wrong."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"module": model.state_dict(), "optimizers": {0: optimizer.state_dict()}, "round": 3,
+             "flags": (True, None, 1.5, "x"), "empty": {}, "nested": [[torch.tensor(7)]]}
+    skeleton, tensors = state_to_parts(state)
+    header, out = unpack(list(pack(runtime_pb2.ExpertRequest, {"state": skeleton}, tensors)))
+    back = parts_to_state(header["state"], out)
+    assert back.keys() == state.keys() and back["round"] == 3 and back["flags"] == (True, None, 1.5, "x")
+    assert back["optimizers"][0]["param_groups"][0]["betas"] == optimizer.state_dict()["param_groups"][0]["betas"]
+    assert isinstance(back["optimizers"][0]["param_groups"][0]["betas"], tuple)
+    assert back["optimizers"][0]["state"].keys() == {0, 1}
+    fresh = torch.optim.Adam(nn.Linear(3, 2).parameters())
+    fresh.load_state_dict(back["optimizers"][0])  # loads into a real optimizer
+    for key, value in model.state_dict().items():
+        assert torch.equal(back["module"][key], value)
+    assert torch.equal(back["nested"][0][0], torch.tensor(7))
+    with pytest.raises(LayoutError, match="neither str nor int"):
+        state_to_parts({(1, 2): torch.ones(1)})
+    with pytest.raises(LayoutError, match="holds a"):
+        state_to_parts({"a": object()})
+    one = [torch.ones(1)]
+    for bad in (["t", 1], ["t", True], ["t", "0"], ["x", 0], ["d", [[1.5, ["v", 0]]]], ["d", [[True, ["v", 0]]]],
+                ["v", [1]], ["l", [["t", 0], ["t", 0]]], ["d", [["a", ["v", 1]]]], "t", ["t"], None,
+                ["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l", [["l",
+                 [["l", [["l", [["l", [["t", 0]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]):
+        with pytest.raises(Malformed):
+            parts_to_state(bad, one)
 
 
 def test_unpack_stream_reads_the_announced_messages_then_closes_the_stream():

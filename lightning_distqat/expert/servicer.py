@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
 
 from lightning_distqat.config import ExpertConfig
 from lightning_distqat.diloco.config import DiLoCoConfig
@@ -28,7 +29,8 @@ from lightning_distqat.expert.backend import StageBackend, StageError
 from lightning_distqat.quant.codecs import check_codec, decode_all, encode_all
 from lightning_distqat.swarm.auth import ACCESS_DENIED, AccessToken
 from lightning_distqat.swarm.messages import (
-    Malformed, TooLarge, collect, linger, pack, state_to_tensor, tensor_to_state, unpack,
+    LINGER_SECONDS, LayoutError, Malformed, TooLarge, collect, linger, pack, parts_to_state, small, state_to_parts,
+    state_to_tensor, tensor_to_state, unpack,
 )
 from lightning_distqat.swarm.sharedwire import Arena, SlotReader, host_key
 
@@ -41,6 +43,11 @@ class Leaving(StageError):
     """The expert is leaving (SIGTERM) and takes no new work."""
 
 
+INLINE_BYTES = 2**20
+"""Requests and answers with less tensor data than this are copied on the event loop (a hop to a thread and back
+costs more); larger ones off it."""
+_WRITTEN = object()
+"""Key of an answer whose body wrote its tensors into a slot itself: (arena, slot), for the caller to free."""
 REFUSED_LINGER_SECONDS = 5.0
 """How long a refused caller's stream stays open for it to read the refusal (it does not count as in flight)."""
 Receive = Callable[[Callable[[dict], None]], Awaitable[list]]
@@ -75,6 +82,7 @@ class ExpertServicer(ServicerBase):
         self._in_flight: dict[str, int] = {}
         self.requests_served = 0
         self.requests_failed = 0
+        self._backwards = 0
         self._arena: Optional[Arena] = Arena() if self.config.shared_memory else None
         """Slots for answers to callers on this host that ask for them (``reply_shm``)."""
         self._reader: Optional[SlotReader] = SlotReader() if self.config.shared_memory else None
@@ -113,6 +121,24 @@ class ExpertServicer(ServicerBase):
     # ------------------------------------------------------------------ plumbing
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+
+    async def _into_slot(self, reply: dict, out: list, shared: bool) -> tuple[dict, list, Optional[tuple[Arena, Any]]]:
+        """An answer's tensors into a shared-memory slot when its caller takes them that way (``shared``), copied
+        here for little data and on the worker thread for more; returns the answer and the slot to free once the
+        caller has copied it (a body may have written its slot itself: ``_WRITTEN``)."""
+        taken = reply.pop(_WRITTEN, None)
+        if taken is not None:
+            return reply, out, taken
+        arena = self._arena
+        if not (shared and out and arena is not None):
+            return reply, out, None
+        if sum(t.numel() * t.element_size() for t in out) < INLINE_BYTES:
+            written = arena.write(out)
+        else:
+            written = await self._run(arena.write, out)
+        if written is None:
+            return reply, out, None
+        return {**reply, "shm": written[1]}, [], (arena, written[0])
 
     def _slowed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, taking ``ExpertConfig.slowdown`` times as long (the test hook; on the worker)."""
@@ -174,8 +200,11 @@ class ExpertServicer(ServicerBase):
         try:
             check = lambda header: self._authorize(header, caller, leased(header), what)  # noqa: E731
             messages = await receive(check)
-            header, tensors = await asyncio.get_running_loop().run_in_executor(
-                None, unpack, messages, self._reader, self.config.max_request_bytes)
+            if small(messages, INLINE_BYTES):  # a copy of little data: cheaper here than a hop to another thread
+                header, tensors = unpack(messages, self._reader, self.config.max_request_bytes)
+            else:
+                header, tensors = await asyncio.get_running_loop().run_in_executor(
+                    None, unpack, messages, self._reader, self.config.max_request_bytes)
             if header is None:
                 raise StageError("empty or incomplete request")
             check(header)
@@ -216,47 +245,55 @@ class ExpertServicer(ServicerBase):
             async for message in linger(pack(Response, self._error(what, e)), seconds=REFUSED_LINGER_SECONDS):
                 yield message
             return
-        slot, arena = None, self._arena
+        taken = None
         try:
-            reply, out, shared = await self._answer(what, context, receive, body, leased=leased, admitted=True)
-            arena = self._arena
-            if shared and out and arena is not None:
-                written = await self._run(arena.write, out)
-                if written is not None:
-                    slot, ticket = written
-                    reply, out = {**reply, "shm": ticket}, []
+            reply, out, taken = await self._into_slot(
+                *await self._answer(what, context, receive, body, leased=leased, admitted=True))
             async for message in linger(pack(Response, reply, out)):
                 yield message
         finally:
             self._release(caller)
-            if slot is not None and arena is not None:  # the caller copied the answer before it closed the stream
-                arena.release(slot)
+            if taken is not None:  # the caller copied the answer before it closed the stream
+                taken[0].release(taken[1])
 
     # ------------------------------------------------------------------ tensor RPCs (streamed)
-    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        """Run the stage. Without the lease only an inference call (no training mode, no gradients) is served."""
-
-        async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
-            tensors = await self._run(_decoded, header, tensors, self.config.max_request_bytes)
-            outputs, layout = await self._run(
-                self._slowed, self.backend.forward, str(header["request_id"]), header["layout"], tensors,
-                training=bool(header["training"]), need_grad=bool(header["need_grad"]),
-            )
+    async def _forward(self, header: dict, tensors: list, caller: str) -> tuple[dict, list]:
+        def run() -> tuple[dict, list]:  # one hop to the worker: decode, compute, encode
+            outputs, layout = self._slowed(
+                self.backend.forward, str(header["request_id"]), header["layout"],
+                _decoded(header, tensors, self.config.max_request_bytes), training=bool(header["training"]),
+                need_grad=bool(header["need_grad"]))
             return _encoded({"layout": layout}, header, outputs, f"stage '{self.backend.name}' output")
 
-        changes_state = lambda h: bool(h.get("training", True)) or bool(h.get("need_grad", True))  # noqa: E731
-        async for message in self._streamed("forward", context, self._streamed_request(requests), body,
-                                            leased=changes_state):
+        return await self._run(run)
+
+    async def _backward(self, header: dict, grad_outputs: list, caller: str) -> tuple[dict, list]:
+        """Backpropagate; with ``norm`` (a norm type) in the request, the answer carries the norm of the stage's
+        accumulated gradients after this backward (clipping then needs no ``grad_norm`` call)."""
+        norm_type = header.get("norm")
+        if norm_type is not None and (not isinstance(norm_type, (int, float)) or isinstance(norm_type, bool)):
+            raise StageError(f"a backward's norm is a norm type (a number), got {norm_type!r:.40}")
+
+        def run() -> tuple[dict, list]:  # one hop to the worker: decode, compute, encode
+            grads = self._slowed(self.backend.backward, str(header["request_id"]),
+                                 _decoded(header, grad_outputs, self.config.max_request_bytes))
+            self._backwards += 1
+            reply: dict[str, Any] = {"present": [g is not None for g in grads]}
+            if norm_type is not None:  # with the number of backwards so far: the caller keeps the newest norm
+                reply["norm"], reply["n"] = self.backend.grad_norm(float(norm_type)), self._backwards
+            return _encoded(reply, header, [g for g in grads if g is not None],
+                            f"stage '{self.backend.name}' input gradient")
+
+        return await self._run(run)
+
+    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """Run the stage. Without the lease only an inference call (no training mode, no gradients) is served."""
+        async for message in self._streamed("forward", context, self._streamed_request(requests), self._forward,
+                                            leased=_changes_state):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, grad_outputs: list, caller: str) -> tuple[dict, list]:
-            grads = await self._run(self._slowed, self.backend.backward, str(header["request_id"]),
-                                    await self._run(_decoded, header, grad_outputs, self.config.max_request_bytes))
-            return _encoded({"present": [g is not None for g in grads]}, header, [g for g in grads if g is not None],
-                            f"stage '{self.backend.name}' input gradient")
-
-        async for message in self._streamed("backward", context, self._streamed_request(requests), body,
+        async for message in self._streamed("backward", context, self._streamed_request(requests), self._backward,
                                             leased=_always):
             yield message
 
@@ -293,23 +330,154 @@ class ExpertServicer(ServicerBase):
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise StageError(f"the outer state does not fit stage '{self.backend.name}' ({e})") from None
 
-    async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
-            return {}, [state_to_tensor(await self._run(self._get_state, header.get("parts")))]
+    async def _get_state_body(self, header: dict, _: list, caller: str) -> tuple[dict, list]:
+        """The state as a skeleton in the answer's header and its tensors as tensors (``messages.state_to_parts``);
+        a state that does not fit that form (it should always) goes as one ``torch.save`` blob."""
+        def run() -> tuple[dict, list]:  # the state's tensors are copied here, between two of the stage's calls
+            state = self._get_state(header.get("parts"))
+            try:
+                skeleton, tensors = state_to_parts(state)
+            except LayoutError:
+                return {}, [state_to_tensor(state)]
+            arena = self._arena
+            if header.get("reply_shm") is True and arena is not None:
+                written = arena.write(tensors)
+                if written is not None:
+                    return {"state": skeleton, "shm": written[1], _WRITTEN: (arena, written[0])}, []
+            return {"state": skeleton}, [t.clone() for t in tensors]
 
-        async for message in self._streamed("get_state", context, self._unary_request(request), body, leased=_always):
+        return await self._run(run)
+
+    async def _set_state_body(self, header: dict, tensors: list, caller: str) -> tuple[dict, list]:
+        """Either form of :meth:`_get_state_body`'s answer."""
+        def run() -> None:
+            if "state" in header:
+                try:
+                    state = parts_to_state(header["state"], tensors)
+                except Malformed as e:
+                    raise StageError(f"set_state: {e}") from None
+            elif len(tensors) == 1:
+                state = tensor_to_state(tensors[0])
+            else:
+                raise StageError(f"set_state expects a state skeleton or one serialized state, got {len(tensors)} "
+                                 "tensors and no skeleton")
+            self._set_state(state)
+
+        await self._run(run)
+        return {}, []
+
+    async def rpc_get_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async for message in self._streamed("get_state", context, self._unary_request(request), self._get_state_body,
+                                            leased=_always):
             yield message
 
     async def rpc_set_state(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        async def body(header: dict, tensors: list, caller: str) -> tuple[dict, list]:
-            if len(tensors) != 1:
-                raise StageError(f"set_state expects one serialized state, got {len(tensors)} tensors")
-            await self._run(lambda: self._set_state(tensor_to_state(tensors[0])))
-            return {}, []
-
-        async for message in self._streamed("set_state", context, self._streamed_request(requests), body,
-                                            leased=_always):
+        async for message in self._streamed("set_state", context, self._streamed_request(requests),
+                                            self._set_state_body, leased=_always):
             yield message
+
+    # ------------------------------------------------------------------ the session stream
+    def _session_ops(self) -> dict[str, tuple[Body, Callable[[dict], bool]]]:
+        def unary(fn: Callable[[dict, str], Any]) -> Body:
+            async def body(header: dict, _: list, caller: str) -> tuple[dict, list]:
+                return (await self._run(fn, header, caller)) or {}, []
+
+            return body
+
+        return {"forward": (self._forward, _changes_state), "backward": (self._backward, _always),
+                "step": (unary(self._step), _always), "grad_norm": (unary(self._grad_norm), _always),
+                "get_state": (self._get_state_body, _always), "set_state": (self._set_state_body, _always)}
+
+    async def rpc_session(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """One long-lived stream from a trainer that carries its calls (forward, backward, step, grad_norm,
+        get_state, set_state) one after the other: each request's header names its ``op`` and a ``call`` number that
+        its answer repeats. Calls run in the order they came (so a step sent right after a backward lands before the
+        next forward), while the next requests are read meanwhile (at most ``max_concurrent_per_peer`` waiting).
+        Every call is checked as if it came alone (access proof, lease, bounds). The session counts as one call in
+        flight of its peer; the caller closes it. Answers through shared memory stay in their slots until the caller
+        acknowledges them (``acks`` in a later request) or the session ends. A request that breaks the wire format
+        or has no call number ends the session with an error answer for call -1."""
+        caller = context.remote_id.to_base58()
+        try:
+            self._admit(caller)
+        except StageError as e:
+            async for message in linger(pack(Response, {**self._error("session", e), "call": -1}),
+                                        seconds=REFUSED_LINGER_SECONDS):
+                yield message
+            return
+        cfg = self.config
+        waiting: asyncio.Queue = asyncio.Queue(max(1, cfg.max_concurrent_per_peer))
+        held: dict[int, tuple[Arena, Any]] = {}
+        ops = self._session_ops()
+
+        async def read() -> None:
+            try:
+                while True:
+                    messages = await collect(requests, max_messages=cfg.max_request_messages,
+                                             max_bytes=cfg.max_request_bytes, keep_open=True)
+                    if not messages:
+                        break
+                    await waiting.put(messages)
+            except (TooLarge, Malformed) as e:
+                await waiting.put(e)
+            finally:
+                await waiting.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (messages := await waiting.get()) is not None:
+                if isinstance(messages, Exception):
+                    async for message in linger(pack(Response, {**self._error("session", messages), "call": -1}),
+                                                seconds=0):
+                        yield message
+                    break
+                answer, end = await self._session_call(messages, context, ops, held)
+                for message in answer:
+                    yield message
+                if end:
+                    break
+            await asyncio.sleep(LINGER_SECONDS)  # the caller closes the stream (see messages.linger)
+        finally:
+            reader.cancel()
+            self._release(caller)
+            for arena, slot in held.values():
+                arena.release(slot)
+
+    async def _session_call(self, messages: list, context: P2PContext,
+                            ops: dict[str, tuple[Body, Callable[[dict], bool]]], held: dict[int, tuple[Arena, Any]]
+                            ) -> tuple[list[Response], bool]:
+        """Answer one call of a session (see :meth:`rpc_session`): its messages, ready to send, and whether the
+        session ends after it."""
+        try:
+            header = MSGPackSerializer.loads(messages[0].metadata) if messages[0].metadata else {}
+            call, op = header.get("call"), header.get("op")
+        except Exception:  # noqa: BLE001 - unpack names what is wrong below
+            call, op, header = None, None, {}
+        if not isinstance(call, int) or isinstance(call, bool) or call < 0:
+            error = StageError(f"a session call has a call number (an int >= 0), got {call!r:.40}; the session ends")
+            return list(pack(Response, {**self._error("session", error), "call": -1})), True
+        acks = header.get("acks")
+        for ack in acks if isinstance(acks, list) else ():
+            if isinstance(ack, int) and ack in held:
+                arena, slot = held.pop(ack)
+                arena.release(slot)
+        if op not in ops:
+            return list(pack(Response, {**self._error("session", StageError(
+                f"a session call's op is one of {sorted(ops)}, got {op!r:.40}")), "call": call})), False
+
+        async def receive(check: Callable[[dict], None]) -> list:
+            check(header)
+            return messages
+
+        body, leased = ops[op]
+        reply, out, taken = await self._into_slot(
+            *await self._answer(op, context, receive, body, leased=leased, admitted=True))
+        if taken is not None:
+            old = held.pop(call, None)  # a call number used twice: the older answer's slot goes
+            if old is not None:
+                old[0].release(old[1])
+            held[call] = taken
+        return list(pack(Response, {**reply, "call": call}, out)), False
 
     # ------------------------------------------------------------------ control RPCs (unary)
     async def _unary(self, what: str, request: Request, context: P2PContext, fn: Callable[..., Any], *,
@@ -339,19 +507,21 @@ class ExpertServicer(ServicerBase):
 
         return await self._unary("configure", request, context, fn)
 
-    async def rpc_step(self, request: Request, context: P2PContext) -> Response:
-        def fn(header: dict, caller: str) -> dict[str, Any]:
-            skipped = self.backend.step(int(header["index"]), header.get("groups"),
-                                        clip_norm=header.get("clip_norm"), clip_value=header.get("clip_value"))
-            if skipped:
-                log.warning("%s", skipped)
-            return {"skipped": skipped} if skipped else {}
+    def _step(self, header: dict, caller: str) -> dict[str, Any]:
+        skipped = self.backend.step(int(header["index"]), header.get("groups"),
+                                    clip_norm=header.get("clip_norm"), clip_value=header.get("clip_value"))
+        if skipped:
+            log.warning("%s", skipped)
+        return {"skipped": skipped} if skipped else {}
 
-        return await self._unary("step", request, context, fn)
+    def _grad_norm(self, header: dict, caller: str) -> dict[str, Any]:
+        return {"norm": self.backend.grad_norm(float(header["norm_type"]))}
+
+    async def rpc_step(self, request: Request, context: P2PContext) -> Response:
+        return await self._unary("step", request, context, self._step)
 
     async def rpc_grad_norm(self, request: Request, context: P2PContext) -> Response:
-        return await self._unary("grad_norm", request, context,
-                                 lambda h, caller: {"norm": self.backend.grad_norm(float(h["norm_type"]))})
+        return await self._unary("grad_norm", request, context, self._grad_norm)
 
     async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
         """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and
@@ -461,6 +631,10 @@ class ExpertServicer(ServicerBase):
 
 def _always(header: dict) -> bool:
     return True
+
+
+def _changes_state(header: dict) -> bool:
+    return bool(header.get("training", True)) or bool(header.get("need_grad", True))
 
 
 def _decoded(header: dict, tensors: list, max_bytes: int) -> list:

@@ -98,7 +98,7 @@ class SwarmClient:
         assert self.p2p is not None and self.runner is not None
         return ExpertHandle(stage, peer_id, self.p2p, self.runner, timeout=self.config.request_timeout,
                             access=self.config.access_token, experiment=self.config.experiment,
-                            shared_memory=self.config.shared_memory)
+                            shared_memory=self.config.shared_memory, sessions=self.config.sessions)
 
     def claim_pipeline(self, fingerprints: dict[str, str]) -> dict[str, ExpertHandle]:
         """Claim one free expert per stage whose fingerprint matches, waiting up to ``discovery_timeout``. The expert

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lightning_distqat.swarm.sharedwire import SlotReader
 
 __all__ = ["CHUNK_BYTES", "LINGER_SECONDS", "linger", "pack", "unpack", "collect", "unpack_stream", "TooLarge",
-           "Malformed", "state_to_tensor", "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
+           "Malformed", "small", "state_to_parts", "parts_to_state", "state_to_tensor", "tensor_to_state", "flatten_structure", "pack_structure", "LayoutError"]
 
 PLAIN = (int, float, bool, str, type(None))
 """Values that travel inside a call's header, next to its tensors."""
@@ -142,6 +142,19 @@ def unpack(messages: Iterable[Message], shared: Optional["SlotReader"] = None, m
     return header, tensors
 
 
+def small(messages: Sequence[Message], limit: int) -> bool:
+    """True when a call's messages and the tensors of its shared-memory ticket (if any) hold fewer than ``limit``
+    bytes: reading it costs little. False for anything that cannot be told quickly (a malformed ticket included)."""
+    if sum(message.ByteSize() for message in messages) >= limit:
+        return False
+    try:
+        header = MSGPackSerializer.loads(messages[0].metadata) if messages and messages[0].metadata else {}
+        ticket = header.get("shm") if isinstance(header, dict) else None
+        return ticket is None or sum(int(item[3]) for item in ticket["items"]) < limit
+    except Exception:  # noqa: BLE001 - unpack names what is wrong
+        return False
+
+
 class TooLarge(ValueError):
     """A call announced or sent more messages or bytes than the receiver accepts."""
 
@@ -212,6 +225,72 @@ async def linger(messages: Iterable[M], seconds: float = LINGER_SECONDS) -> Asyn
     for message in messages:
         yield message
     await asyncio.sleep(seconds)
+
+
+MAX_STATE_DEPTH = 16
+"""How deep a state's nesting may go on the wire (module -> optimizers -> index -> state -> name -> key is 6)."""
+
+
+def state_to_parts(state: Any) -> tuple[list[Any], list[torch.Tensor]]:
+    """A state (nested dicts with str or int keys, lists, tuples, tensors and plain values: what ``get_state``
+    returns) as a msgpack-able skeleton and its tensors, so that the tensors travel as tensors (through shared memory
+    on one host) instead of inside one ``torch.save`` blob. Raises :class:`LayoutError` for anything else."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any, depth: int) -> list[Any]:
+        if depth > MAX_STATE_DEPTH:
+            raise LayoutError(f"a state nested deeper than {MAX_STATE_DEPTH} levels")
+        if isinstance(value, torch.Tensor):
+            tensors.append(value.detach())
+            return ["t", len(tensors) - 1]
+        if isinstance(value, dict):
+            if any(not isinstance(k, (str, int)) or isinstance(k, bool) for k in value):
+                raise LayoutError("a state dict has a key that is neither str nor int")
+            return ["d", [[k, walk(v, depth + 1)] for k, v in value.items()]]
+        if isinstance(value, (list, tuple)):
+            return ["l" if isinstance(value, list) else "u", [walk(v, depth + 1) for v in value]]
+        if isinstance(value, PLAIN):
+            return ["v", value]
+        raise LayoutError(f"a state holds a {type(value).__name__}")
+
+    return walk(state, 0), tensors
+
+
+def parts_to_state(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """Inverse of :func:`state_to_parts`. Raises :class:`Malformed` for a skeleton that does not fit (wrong tags,
+    keys or nesting, a tensor index out of range or used twice)."""
+    used: set[int] = set()
+
+    def build(node: Any, depth: int) -> Any:
+        if depth > MAX_STATE_DEPTH or not isinstance(node, list) or len(node) != 2:
+            raise Malformed("a state's skeleton is made of [tag, value] pairs at most 16 deep")
+        tag, value = node
+        if tag == "t":
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(tensors) or value in used:
+                raise Malformed(f"a state names tensor {value!r:.20} of {len(tensors)}")
+            used.add(value)
+            return tensors[value]
+        if tag == "v":
+            if not isinstance(value, PLAIN):
+                raise Malformed("a state's plain value is not int, float, bool, str or None")
+            return value
+        if tag in ("l", "u") and isinstance(value, list):
+            items = [build(v, depth + 1) for v in value]
+            return items if tag == "l" else tuple(items)
+        if tag == "d" and isinstance(value, list):
+            out: dict[Any, Any] = {}
+            for item in value:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int))
+                        and not isinstance(item[0], bool)):
+                    raise Malformed("a state dict's items are [str or int key, value] pairs")
+                out[item[0]] = build(item[1], depth + 1)
+            return out
+        raise Malformed(f"a state's skeleton has tag {tag!r:.20}")
+
+    state = build(skeleton, 0)
+    if len(used) != len(tensors):
+        raise Malformed(f"a state came with {len(tensors)} tensors and names {len(used)}")
+    return state
 
 
 def state_to_tensor(state: Any) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from lightning_distqat.config import QuantConfig
 from lightning_distqat.swarm.optimizers import OptimizerSplit
+from lightning_distqat.swarm.overlap import waiting
 from lightning_distqat.swarm.remote import (ExpertError, ExpertHandle, ExpertLeavingError, ExpertUnavailableError,
                                             RemoteStage)
 
@@ -41,7 +42,7 @@ MAX_FAILOVERS_PER_CALL = 3
 """Experts one call may go through (each dying in turn) before its error reaches the user."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     """A forward of the step in flight, kept so that a replacement expert can replay it."""
 
@@ -49,8 +50,23 @@ class _Call:
     layout: dict[str, Any]
     inputs: list[torch.Tensor]
     training: bool
+    batch: int
+    """The optimizer steps taken before it (its step is the next one)."""
     grads: Optional[list[torch.Tensor]] = None
     """The output gradients of its backward, once that ran."""
+
+
+@dataclass(eq=False)
+class _Step:
+    """An optimizer step sent to a stage's expert and not yet confirmed (the trainer goes on meanwhile)."""
+
+    index: int
+    groups: list[dict[str, Any]]
+    clip_norm: Optional[tuple[float, float]]
+    clip_value: Optional[float]
+    batch: int
+    handle: ExpertHandle
+    future: Future
 
 
 def human_count(n: int) -> str:
@@ -81,13 +97,19 @@ class RemotePipeline:
         """The user's optimizers, split into their local part and one part per stage (by ``id(optimizer)``)."""
         self.replacer = replacer
         self.mirror_every = mirror_every
+        self.norm_type: Optional[float] = None
+        """The norm type the trainer clips gradients by (None: it does not): backward answers bring it along."""
         self.on_replaced: list[Callable[[str, ExpertHandle], Optional[str]]] = []
         """Called with (stage, new handle) after a replacement got the stage's state, before the journal replays
         (DiLoCo joins the stage's averaging group there); may return a note for the log."""
         self.failovers: list[dict[str, Any]] = []
         """One entry per replaced expert: stage, old and new peer id, cause, state source, seconds it took."""
         self._specs: dict[str, dict[int, dict[str, Any]]] = {}
-        self._journal: dict[str, list[_Call]] = {stage: [] for stage in originals}
+        self._journal: dict[str, list[Any]] = {stage: [] for stage in originals}
+        """Per stage, what its expert did since its last confirmed state: forwards (``_Call``) and steps (``_Step``),
+        in order; a replacement replays them."""
+        self._in_flight: dict[str, list[_Step]] = {stage: [] for stage in originals}
+        """Steps sent to each stage's expert whose answer was not read yet (see :meth:`settle`)."""
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
         self._snapshot_futures: list[Future] = []
         self._steps = 0
@@ -104,6 +126,7 @@ class RemotePipeline:
 
     def _adopt(self, stage: str, handle: ExpertHandle) -> None:
         settings = self.quant.for_stage(stage)
+        handle.norm_type = self.norm_type
         handle.activations = settings.wire_codec("activations")
         handle.gradients = settings.wire_codec("gradients")
         self.handles[stage] = handle
@@ -124,7 +147,9 @@ class RemotePipeline:
 
     # ------------------------------------------------------------------ failover
     def call(self, stage: str, fn: Callable[[ExpertHandle], T]) -> T:
-        """``fn`` on the expert of ``stage``; if that expert is gone, on its replacement (see :meth:`recover`)."""
+        """``fn`` on the expert of ``stage``; if that expert is gone, on its replacement (see :meth:`recover`). The
+        steps sent to that stage land first (:meth:`settle`)."""
+        self.settle(stage)
         for attempt in range(MAX_FAILOVERS_PER_CALL + 1):
             handle = self.handles[stage]
             try:
@@ -141,68 +166,121 @@ class RemotePipeline:
         the weights the stage had when training started), let ``on_replaced`` hooks run, replay the step in flight
         (the journal), and make it the stage's expert. Concurrent failures of one stage replace it once."""
         assert self.replacer is not None
-        with self._recovering:
-            if self.handles[stage] is not gone:
-                return self.handles[stage]  # another thread replaced it meanwhile
-            started = time.monotonic()
-            leaving = isinstance(error, ExpertLeavingError)
-            cause = "is leaving" if leaving else "is gone"
-            state, source, lost = None, "", 0
-            if leaving:
-                try:
-                    state, source = gone.get_state(), "the leaving expert's own state"
-                except ExpertError as e:
-                    log.warning("stage '%s': the leaving expert could not hand its state over (%s)", stage, e)
-            if state is None:
-                state, source, lost = self._stage_snapshot(stage)
-            for _ in range(MAX_FAILOVERS_PER_CALL):
-                new = self.replacer(stage, gone, cause)
-                try:
-                    new.configure(self._specs.get(stage, {}), qat=self._qat(stage))
-                    new.set_state(state)
-                    notes = [note for hook in self.on_replaced if (note := hook(stage, new))]
-                    self._replay(stage, new)
-                    break
-                except ExpertUnavailableError as e:  # the replacement died too: the next one
-                    gone, cause = new, f"died while taking over ({e})"
-            else:
-                raise ExpertUnavailableError(f"stage '{stage}': {MAX_FAILOVERS_PER_CALL} replacements in a row "
-                                             "died while taking over") from error
-            source = "; ".join([source, *notes])
-            old = self.handles[stage]
-            self.replace(stage, new)
-            took = time.monotonic() - started
-            self.failovers.append({"stage": stage, "old": old.peer_id, "new": new.peer_id, "cause": cause,
-                                   "source": source, "steps_lost": lost, "seconds": took, "step": self._steps,
-                                   "done_at": time.time()})
-            log.warning("stage '%s': expert …%s took over from …%s in %.1f s, from %s; the step in flight was "
-                        "replayed (%d calls)", stage, new.peer_id[-8:], old.peer_id[-8:], took, source,
-                        len(self._journal[stage]))
-            return new
+        with waiting():  # a micro-batch's thread gives up its baton while it waits for another's recovery
+            self._recovering.acquire()
+        try:
+            return self._recover(stage, gone, error)
+        finally:
+            self._recovering.release()
 
-    def _stage_snapshot(self, stage: str) -> tuple[dict[str, Any], str, int]:
+    def _recover(self, stage: str, gone: ExpertHandle, error: ExpertError) -> ExpertHandle:
+        assert self.replacer is not None
+        if self.handles[stage] is not gone:
+            return self.handles[stage]  # another thread replaced it meanwhile
+        started = time.monotonic()
+        leaving = isinstance(error, ExpertLeavingError)
+        cause = "is leaving" if leaving else "is gone"
+        state, source, lost = None, "", 0
+        if leaving:
+            try:
+                state, source = gone.get_state(), "the leaving expert's own state"
+            except ExpertError as e:
+                log.warning("stage '%s': the leaving expert could not hand its state over (%s)", stage, e)
+        since = 0  # the leaving expert's state lacks whatever the journal still holds
+        if state is None:
+            state, source, lost, since = self._stage_snapshot(stage)
+        for _ in range(MAX_FAILOVERS_PER_CALL):
+            new = self.replacer(stage, gone, cause)
+            try:
+                new.configure(self._specs.get(stage, {}), qat=self._qat(stage))
+                new.set_state(state)
+                notes = [note for hook in self.on_replaced if (note := hook(stage, new))]
+                self._replay(stage, new, since)
+                break
+            except ExpertUnavailableError as e:  # the replacement died too: the next one
+                gone, cause = new, f"died while taking over ({e})"
+        else:
+            raise ExpertUnavailableError(f"stage '{stage}': {MAX_FAILOVERS_PER_CALL} replacements in a row "
+                                         "died while taking over") from error
+        source = "; ".join([source, *notes])
+        old = self.handles[stage]
+        self.replace(stage, new)
+        took = time.monotonic() - started
+        self.failovers.append({"stage": stage, "old": old.peer_id, "new": new.peer_id, "cause": cause,
+                               "source": source, "steps_lost": lost, "seconds": took, "step": self._steps,
+                               "done_at": time.time()})
+        log.warning("stage '%s': expert …%s took over from …%s in %.1f s, from %s; the step in flight was "
+                    "replayed (%d calls)", stage, new.peer_id[-8:], old.peer_id[-8:], took, source,
+                    len(self._journal[stage]))
+        return new
+
+    def _stage_snapshot(self, stage: str) -> tuple[dict[str, Any], str, int, int]:
         """The newest snapshot of ``stage`` (waiting for one in flight), or the stage's weights at the start; with
-        where it comes from and the optimizer steps of this stage it lacks."""
+        where it comes from, the optimizer steps of this stage it lacks and the steps it holds."""
         self.wait_for_snapshot()
+        journal = self._journal[stage]
+        base = journal[0].batch if journal else self._steps  # the steps the journal builds on
         if stage in self._snapshots:
             step, state = self._snapshots[stage]
-            lost = self._steps - step
+            lost = max(0, base - step)
             lacks = f" ({lost} step{'s' if lost != 1 else ''} of this stage lost)" if lost else ""
-            return state, f"the snapshot of step {step}{lacks}", lost
+            return state, f"the snapshot of step {step}{lacks}", lost, step
         return ({"module": self.originals[stage].state_dict()}, "the weights at the start of training (no snapshot)",
-                self._steps)
+                base, 0)
 
-    def _replay(self, stage: str, handle: ExpertHandle) -> None:
-        for call in self._journal[stage]:
-            handle.forward(call.request_id, call.layout, call.inputs, training=call.training, need_grad=True)
-            if call.grads is not None:
-                handle.backward(call.request_id, call.grads)
+    def _replay(self, stage: str, handle: ExpertHandle, since: int = 0) -> None:
+        """Replay the journal's forwards, backwards and steps of batches from ``since`` on (what the state that
+        ``handle`` got lacks)."""
+        for entry in self._journal[stage]:
+            if entry.batch < since:
+                continue
+            if isinstance(entry, _Step):
+                handle.step(entry.index, entry.groups, clip_norm=entry.clip_norm, clip_value=entry.clip_value)
+                continue
+            handle.forward(entry.request_id, entry.layout, entry.inputs, training=entry.training, need_grad=True)
+            if entry.grads is not None:
+                handle.backward(entry.request_id, entry.grads)
+
+    def settle(self, stage: Optional[str] = None) -> None:
+        """Wait for the steps sent to ``stage``'s expert (every stage's if None) and read their answers: a step
+        that landed drops what it consumed from the journal; a step whose expert died replaces that expert (the
+        replacement replays it); a step the expert refused raises its error."""
+        for name in self.stages if stage is None else [stage]:
+            steps = self._in_flight[name]
+            while steps:
+                entry = steps[0]
+                try:
+                    entry.handle.step_result(entry.future)
+                except ExpertUnavailableError as e:
+                    steps.clear()  # the journal holds them: the replacement replays every one
+                    if self.replacer is None:
+                        raise
+                    if self.handles[name] is entry.handle:
+                        self.recover(name, entry.handle, e)
+                    break
+                except ExpertError:
+                    self._confirmed(name, entry)
+                    raise
+                self._confirmed(name, entry)
+
+    def _confirmed(self, stage: str, step: _Step) -> None:
+        """``step`` landed (or was refused): neither it nor what came before it is replayed. Another micro-batch's
+        thread may have read it first (they wait for the same step)."""
+        steps = self._in_flight[stage]
+        if steps and steps[0] is step:
+            steps.pop(0)
+        journal = self._journal[stage]
+        for i, entry in enumerate(journal):
+            if entry is step:
+                del journal[:i + 1]
+                return
 
     def snapshot(self, *, wait: bool = False) -> None:
         """Pull every stage's state (module and optimizers) off the training thread, as of the last optimizer step;
         the next step waits until it landed (see :meth:`wait_for_snapshot`). A stage whose expert cannot answer keeps
         its previous snapshot."""
         self.wait_for_snapshot()
+        self.settle()  # the snapshot holds every step taken so far
         step = self._steps
 
         def pull(stage: str) -> None:
@@ -221,10 +299,12 @@ class RemotePipeline:
             future.result()
 
     def step_done(self) -> None:
-        """A training batch whose optimizers stepped ended: the journal starts afresh."""
+        """A training batch whose optimizers stepped ended: the journal of a stage starts afresh, unless a step of
+        it is still in flight (then it goes once that step landed, see :meth:`settle`)."""
         self._steps += 1
-        for calls in self._journal.values():
-            calls.clear()
+        for stage, journal in self._journal.items():
+            if not self._in_flight[stage]:
+                journal.clear()
 
     def snapshot_if_due(self) -> None:
         """A snapshot every ``mirror_every`` steps (after the step's DiLoCo round, if one ran)."""
@@ -238,14 +318,14 @@ class RemotePipeline:
         result = self.call(stage, lambda h: h.forward(request_id, layout, tensors, training=training,
                                                      need_grad=need_grad))
         if need_grad and self.replacer is not None:
-            self._journal[stage].append(_Call(request_id, layout, list(tensors), training))
+            self._journal[stage].append(_Call(request_id, layout, list(tensors), training, self._steps))
         return result
 
     def backward(self, stage: str, request_id: str, grad_outputs: Sequence[torch.Tensor]
                  ) -> list[Optional[torch.Tensor]]:
         result = self.call(stage, lambda h: h.backward(request_id, grad_outputs))
         for call in reversed(self._journal[stage]):
-            if call.request_id == request_id:
+            if isinstance(call, _Call) and call.request_id == request_id:
                 call.grads = list(grad_outputs)
                 break
         return result
@@ -335,15 +415,35 @@ class RemotePipeline:
         """The inner step of ``optimizer``'s part on every expert that has one, with the current hyperparameters
         of every param group (LR schedulers change them)."""
         split = self.split_of(optimizer)
-        if split is not None:
-            self.wait_for_snapshot()  # a snapshot must not see this step
-            groups = split.group_hparams()
-            self.each(lambda h: h.step(split.index, groups, clip_norm=clip_norm, clip_value=clip_value), split.stages)
+        if split is None:
+            return
+        self.wait_for_snapshot()  # a snapshot must not see this step
+        groups = split.group_hparams()
+        for stage in split.stages:  # sent, not waited for: the next call to each stage waits (settle)
+            self.settle(stage)
+            handle = self.handles[stage]
+            future = handle.send_step(split.index, groups, clip_norm=clip_norm, clip_value=clip_value)
+            entry = _Step(split.index, groups, clip_norm, clip_value, self._steps, handle, future)
+            self._in_flight[stage].append(entry)
+            if self.replacer is not None:
+                self._journal[stage].append(entry)
+
+    def clip_by_norm(self, norm_type: Optional[float]) -> None:
+        """Ask every backward for the stage's gradient norm of ``norm_type`` (None: stop asking)."""
+        self.norm_type = norm_type
+        for handle in self.handles.values():
+            handle.norm_type = norm_type
 
     def grad_norms(self, optimizer: Optimizer, norm_type: float) -> list[float]:
-        """The gradient norm of ``optimizer``'s part on each expert."""
+        """The gradient norm of ``optimizer``'s part on each expert: as its latest backward answer brought it, else
+        by a call."""
         split = self.split_of(optimizer)
-        return self.each(lambda h: h.grad_norm(norm_type), split.stages) if split is not None else []
+
+        def norm(handle: ExpertHandle) -> float:
+            known = handle.norm_after_backward(norm_type)
+            return known if known is not None else handle.grad_norm(norm_type)
+
+        return self.each(norm, split.stages) if split is not None else []
 
     def restore_optimizers(self) -> None:
         """Every parameter back in the user's optimizers, as configured."""
@@ -419,6 +519,11 @@ class RemotePipeline:
             self.wait_for_snapshot()
         except Exception:  # noqa: BLE001 - the snapshot is only a fallback here
             log.debug("the last snapshot failed", exc_info=True)
+        for stage in self.stages:
+            try:
+                self.settle(stage)
+            except ExpertError as e:  # what the pull below gets from this stage says the rest
+                log.warning("stage '%s': the last step did not land (%s)", stage, e)
         pulled = dict(zip(self.stages, self._pool.map(pull, self.stages)))
         states = {}
         for stage, state in pulled.items():

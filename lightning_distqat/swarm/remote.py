@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
@@ -18,17 +21,25 @@ from lightning_distqat.quant.codecs import decode_all, encode_all, payload_bytes
 from lightning_distqat.swarm.auth import AccessToken
 from lightning_distqat.swarm.dht import AsyncRunner
 from lightning_distqat.swarm.messages import (
-    LayoutError, flatten_structure, pack, pack_structure, state_to_tensor, tensor_to_state, unpack, unpack_stream,
+    LayoutError, flatten_structure, pack, pack_structure, parts_to_state, state_to_parts, state_to_tensor,
+    tensor_to_state, unpack, unpack_stream,
 )
 from lightning_distqat.swarm.overlap import waiting
+from lightning_distqat.swarm.session import Session
 from lightning_distqat.swarm.sharedwire import Arena, SharedWireError, SlotReader, host_key
 
 __all__ = ["ExpertError", "ExpertUnavailableError", "ExpertLeavingError", "ExpertHandle", "RemoteStage", "Route"]
 
 log = logging.getLogger(__name__)
 
+Answer = tuple[Optional[dict[str, Any]], list[torch.Tensor]]
+
 _UNREACHABLE = (P2PDaemonError, P2PHandlerError, ConnectionError, asyncio.IncompleteReadError, EOFError, OSError)
 """What hivemind's P2P layer raises when a call does not go through (a dead peer, a reset stream, a broken daemon)."""
+
+
+SESSION_OPS = frozenset({"forward", "backward", "step", "grad_norm", "get_state", "set_state"})
+"""Calls that travel on the session stream when sessions are on (claims, configure, info, DiLoCo control do not)."""
 
 
 class ExpertError(RuntimeError):
@@ -60,10 +71,13 @@ class ExpertHandle:
     :class:`ExpertUnavailableError` naming the stage, the expert and the cause."""
 
     def __init__(self, stage: str, peer_id: str, p2p: P2P, runner: AsyncRunner, *, timeout: float,
-                 access: Optional[str] = None, experiment: str = "", shared_memory: bool = True) -> None:
+                 access: Optional[str] = None, experiment: str = "", shared_memory: bool = True,
+                 sessions: bool = True) -> None:
         """``access``: the experiment's access token, if it has one (every request then carries a proof bound to
         this trainer's and the expert's peer ids). ``shared_memory``: once a claim shows the expert runs on this
-        host (same boot and user), tensors of streamed calls go through shared memory (``sharedwire``)."""
+        host (same boot and user), tensors of streamed calls go through shared memory (``sharedwire``).
+        ``sessions``: forward, backward, step, grad_norm, get_state and set_state travel on one long-lived stream
+        (``session.Session``) instead of a new stream each."""
         from lightning_distqat.expert.servicer import ExpertServicer  # the servicer defines the RPC names
 
         self.stage, self.peer_id, self.timeout = stage, peer_id, timeout
@@ -81,6 +95,17 @@ class ExpertHandle:
         self._arena: Optional[Arena] = None
         """Slots for this expert's requests, from the first claim that shows it shares this host."""
         self._reader: Optional[SlotReader] = None
+        self.sessions = sessions
+        self._session: Optional[Session] = None
+        self._session_lock: Optional[asyncio.Lock] = None
+        self.sessions_opened = 0
+        self.grad_norm_calls = 0
+        self.norm_type: Optional[float] = None
+        """Set (by the pipeline, when the trainer clips gradients by norm): every backward asks for the stage's
+        gradient norm of this type in its answer, so clipping needs no ``grad_norm`` call."""
+        self._norm: Optional[tuple[int, float, float]] = None
+        self._norm_lock = threading.Lock()
+        self._steps_in_flight: list[Future] = []
 
     @property
     def shares_memory(self) -> bool:
@@ -88,7 +113,9 @@ class ExpertHandle:
         return self._arena is not None
 
     def close(self) -> None:
-        """Unlink this handle's shared-memory slots and unmap the expert's (after its lease was given back)."""
+        """Close the session stream, unlink this handle's shared-memory slots and unmap the expert's (after its
+        lease was given back)."""
+        self._end_session()
         arena, reader, self._arena, self._reader = self._arena, self._reader, None, None
         if arena is not None:
             arena.close()
@@ -98,6 +125,34 @@ class ExpertHandle:
     def __repr__(self) -> str:
         return f"ExpertHandle(stage={self.stage!r}, peer={self.peer_id[-8:]})"
 
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                self._runner.run(session.close(), 10)
+            except Exception as e:  # noqa: BLE001 - a stopped runner or a stuck stream: nothing more to close
+                log.debug("%s: closing the session: %s", self, e)
+
+    async def _live_session(self) -> Session:
+        """The open session (a new one if there is none or it broke). Calls that wait here keep their order."""
+        if self._session_lock is None:
+            self._session_lock = asyncio.Lock()
+        async with self._session_lock:
+            session = self._session
+            if session is None or session.broken is not None:
+                if session is not None:
+                    await session.close()
+                session = Session(self._stub, self._reader)
+                await session.open()
+                self._session = session
+                self.sessions_opened += 1
+            return session
+
+    async def _over_session(self, op: str, messages: list[runtime_pb2.ExpertRequest]
+                            ) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
+        session = await self._live_session()
+        return await session.send(messages)
+
     def _fail(self, what: str, cause: str, unavailable: bool = False, leaving: bool = False) -> ExpertError:
         cls = ExpertLeavingError if leaving else ExpertUnavailableError if unavailable else ExpertError
         error = cls(f"stage '{self.stage}' on expert …{self.peer_id[-8:]}: {what} failed: {cause}")
@@ -105,11 +160,18 @@ class ExpertHandle:
         return error
 
     def _call(self, what: str, coro: Any, timeout: Optional[float] = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        return self._result(what, asyncio.run_coroutine_threadsafe(coro, self._runner.loop), timeout)
+
+    def _result(self, what: str, future: "Future[Answer]", timeout: Optional[float] = None
+                ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The answer of a call in flight (``future`` on the runner's loop), or the error it ended in."""
         timeout = self.timeout if timeout is None else timeout
         try:
             with waiting():  # other micro-batches run meanwhile
-                header, tensors = self._runner.run(coro, timeout)
+                header, tensors = future.result(timeout)
         except TimeoutError:
+            future.cancel()
+            self._end_session()  # the calls behind a stuck one would wait too: the next call opens a new stream
             raise self._fail(
                 what, f"no answer within {timeout:.0f}s; the expert may have died (raise request_timeout for slow links)",
                 unavailable=True,
@@ -126,12 +188,29 @@ class ExpertHandle:
         return header, tensors
 
     def _unary(self, method: str, header: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
+        op = method.removeprefix("rpc_")
+        if op in ("configure", "diloco"):  # these act on the state that the steps in flight change: after them
+            self._wait_for_steps(self.timeout if timeout is None else timeout)
+        return self._call(op, self._unary_call(method, header), timeout)[0]
+
+    def _unary_call(self, method: str, header: dict[str, Any]) -> Any:
+        """The coroutine of a call without tensors: on the session (for its ops, when sessions are on), else as a
+        unary RPC."""
+        op = method.removeprefix("rpc_")
+        if self.sessions and op in SESSION_OPS:
+            return self._over_session(op, list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof, "op": op})))
+
         async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
             (request,) = pack(runtime_pb2.ExpertRequest, {**header, **self._proof})
             response = await getattr(self._stub, method)(request)
             return unpack([response])
 
-        return self._call(method.removeprefix("rpc_"), _go(), timeout)[0]
+        return _go()
+
+    def _wait_for_steps(self, timeout: float) -> None:
+        with self._norm_lock:
+            steps, self._steps_in_flight = self._steps_in_flight, []
+        wait_futures(steps, timeout)  # their outcome is the pipeline's to read (step_result)
 
     def _stream(
         self, method: str, header: dict[str, Any], tensors: Sequence[torch.Tensor], timeout: Optional[float] = None
@@ -144,6 +223,9 @@ class ExpertHandle:
             if written is not None:
                 slot, ticket = written
                 header, tensors = {**header, "shm": ticket}, []
+        op = method.removeprefix("rpc_")
+        if self.sessions:
+            header = {**header, "op": op}
         messages = list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof}, tensors))
 
         async def _requests():  # noqa: ANN202
@@ -159,7 +241,7 @@ class ExpertHandle:
 
         done = False
         try:
-            result = self._call(method.removeprefix("rpc_"), _go(), timeout)
+            result = self._call(op, self._over_session(op, messages) if self.sessions else _go(), timeout)
             done = True
             return result
         finally:
@@ -207,10 +289,17 @@ class ExpertHandle:
 
     def backward(self, request_id: str, grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         """Backpropagate ``grad_outputs`` through forward ``request_id``; returns its input grads (None for inputs
-        that need none)."""
-        header, tensors = self._encode({"request_id": request_id}, grad_outputs, self.gradients,
-                                       f"gradient of stage '{self.stage}' output")
+        that need none). With :attr:`norm_type` set, the answer brings the stage's gradient norm after this backward
+        (see :meth:`norm_after_backward`)."""
+        header = {"request_id": request_id} if self.norm_type is None else {"request_id": request_id,
+                                                                            "norm": self.norm_type}
+        header, tensors = self._encode(header, grad_outputs, self.gradients, f"gradient of stage '{self.stage}' output")
         reply, grads = self._stream_twice("rpc_backward", header, tensors)
+        norm, count = reply.get("norm"), reply.get("n")
+        if self.norm_type is not None and isinstance(norm, float) and isinstance(count, int):
+            with self._norm_lock:  # concurrent micro-batches: the answer of the expert's latest backward wins
+                if self._norm is None or self._norm[0] < count:
+                    self._norm = (count, self.norm_type, norm)
         grads = self._decode(reply, grads)
         it = iter(grads)
         return [next(it) if present else None for present in reply["present"]]
@@ -219,27 +308,65 @@ class ExpertHandle:
         """Create the stage's optimizers; ``qat`` (``{"scheme", "group_size"}``) first prepares torchao QAT."""
         self._unary("rpc_configure", {"optimizers": {str(i): spec for i, spec in optimizers.items()}, "qat": qat})
 
+    def norm_after_backward(self, norm_type: float) -> Optional[float]:
+        """The stage's gradient norm (of ``norm_type``) as the latest backward's answer brought it, or None (no
+        backward since the last step, or another norm type)."""
+        with self._norm_lock:
+            norm = self._norm
+        return norm[2] if norm is not None and norm[1] == norm_type else None
+
     def step(self, index: int, groups: list[dict[str, Any]], *, clip_norm: Optional[tuple[float, float]] = None,
              clip_value: Optional[float] = None) -> None:
         """One inner step of optimizer ``index`` with the groups' current hyperparameters; ``clip_norm`` is
         ``(max_norm, total_norm over every stage)``. An update the expert skipped (gradients that are not finite) is
         logged as a warning."""
-        reply = self._unary("rpc_step", {"index": index, "groups": groups, "clip_norm": clip_norm,
-                                         "clip_value": clip_value})
+        self.step_result(self.send_step(index, groups, clip_norm=clip_norm, clip_value=clip_value))
+
+    def send_step(self, index: int, groups: list[dict[str, Any]], *,
+                  clip_norm: Optional[tuple[float, float]] = None, clip_value: Optional[float] = None
+                  ) -> "Future[Answer]":
+        """:meth:`step` without waiting for it: returns the call in flight, for :meth:`step_result`. On a session
+        it lands before any later call of this handle; without one, before its later ``configure`` and ``diloco``
+        calls only (the pipeline waits for it before its next call to this expert)."""
+        with self._norm_lock:
+            self._norm = None  # the step zeroes the gradients
+        header = {"index": index, "groups": groups, "clip_norm": clip_norm, "clip_value": clip_value}
+        future = asyncio.run_coroutine_threadsafe(self._unary_call("rpc_step", header), self._runner.loop)
+        with self._norm_lock:
+            self._steps_in_flight = [f for f in self._steps_in_flight if not f.done()] + [future]
+        return future
+
+    def step_result(self, future: "Future[Answer]", timeout: Optional[float] = None) -> None:
+        """Wait for a step sent by :meth:`send_step`; raises as :meth:`step` would."""
+        reply = self._result("step", future, timeout)[0]
         if reply.get("skipped"):
             log.warning("%s", reply["skipped"])
 
     def grad_norm(self, norm_type: float) -> float:
+        self.grad_norm_calls += 1
         return float(self._unary("rpc_grad_norm", {"norm_type": norm_type})["norm"])
 
     def get_state(self, parts: Optional[list[str]] = None) -> dict[str, Any]:
         """The stage's ``{"module": state dict, "optimizers": {index: state by parameter name}}``, plus ``"diloco"``
         (its outer state) while DiLoCo runs; ``parts`` picks some of them."""
-        return tensor_to_state(self._stream_twice("rpc_get_state", {"parts": parts} if parts else {}, [])[1][0])
+        reply, tensors = self._stream_twice("rpc_get_state", {"parts": parts} if parts else {}, [])
+        try:
+            if "state" in reply:
+                return parts_to_state(reply["state"], tensors)
+            if len(tensors) == 1:
+                return tensor_to_state(tensors[0])
+        except Exception as e:  # noqa: BLE001 - what the expert sent does not load: say so, naming it
+            raise self._fail("get_state", f"its state does not load ({type(e).__name__}: {e})") from None
+        raise self._fail("get_state", f"the answer holds {len(tensors)} tensors and no state skeleton")
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Load (part of) what :meth:`get_state` returns into the stage."""
-        self._stream_twice("rpc_set_state", {}, [state_to_tensor(state)])
+        try:
+            skeleton, tensors = state_to_parts(state)
+        except LayoutError:  # something other than tensors and plain values: as one torch.save blob
+            self._stream_twice("rpc_set_state", {}, [state_to_tensor(state)])
+            return
+        self._stream_twice("rpc_set_state", {"state": skeleton}, tensors)
 
     def diloco(self, op: str, timeout: Optional[float] = None, **fields: Any) -> dict[str, Any]:
         """DiLoCo control on the expert (see ``ExpertServicer.rpc_diloco``)."""

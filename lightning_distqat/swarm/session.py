@@ -1,0 +1,143 @@
+"""The trainer's end of an expert's session stream: one long-lived hivemind P2P stream per expert that carries the
+trainer's calls one after another (see ``ExpertServicer.rpc_session``), instead of a new stream per call.
+
+Each request's header names its ``op`` and a ``call`` number; the expert runs calls in the order they came and tags
+each answer with its number, so several calls can be in flight (micro-batches, a step sent without waiting for its
+answer, a snapshot pull) and each caller gets its own answer. Answers that came through shared memory are
+acknowledged in the next request (``acks``), and the expert frees their slots then.
+
+Everything here runs on the trainer's ``AsyncRunner`` loop. The trainer closes the stream (the answering side never
+does: see ``messages.linger``). When the stream breaks (the expert died, a cut link, an answer that cannot be read),
+every call in flight gets "no answer" (``None``) and the session is done; the handle opens a new one for the next
+call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from typing import Any, AsyncIterator, Optional
+
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+
+from lightning_distqat.swarm.messages import collect, unpack
+from lightning_distqat.swarm.sharedwire import SlotReader
+
+__all__ = ["Session", "SessionBroken"]
+
+log = logging.getLogger(__name__)
+
+Answer = tuple[Optional[dict[str, Any]], list[Any]]
+
+
+class SessionBroken(ConnectionError):
+    """The session stream ended or could not be read: its calls in flight got no answer."""
+
+
+class Session:
+    """One expert's session stream, opened by :meth:`open` on the runner's loop."""
+
+    def __init__(self, stub: Any, reader: Optional[SlotReader]) -> None:
+        """``stub``: the expert's ``ExpertServicer`` stub; ``reader``: maps the expert's answer slots (None: the
+        expert answers with bytes)."""
+        self._stub = stub
+        self._reader = reader
+        self._outgoing: Optional[asyncio.Queue] = None
+        self._replies: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
+        self._task: Optional[asyncio.Task] = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._acks: list[int] = []
+        self._numbers = itertools.count()
+        self.broken: Optional[BaseException] = None
+        """Why the session ended (None while it is open)."""
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._pending)
+
+    async def open(self) -> None:
+        """Open the stream (raises what hivemind raises when the expert cannot be reached)."""
+        self._outgoing = asyncio.Queue()
+        outgoing = self._outgoing
+
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            while (messages := await outgoing.get()) is not None:
+                for message in messages:
+                    yield message
+
+        self._replies = await self._stub.rpc_session(requests())
+        self._task = asyncio.create_task(self._read())
+
+    def send(self, messages: list[runtime_pb2.ExpertRequest]) -> "asyncio.Future[Answer]":
+        """Send one call (``messages`` from ``messages.pack``, its header without ``call``); returns the future of
+        its answer ``(header, tensors)``, ``(None, [])`` when the session broke first."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        if self.broken is not None or self._outgoing is None:
+            future.set_result((None, []))
+            return future
+        number = next(self._numbers)
+        header = MSGPackSerializer.loads(messages[0].metadata)
+        acks, self._acks = self._acks, []
+        first = runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps({**header, "call": number, "acks": acks}),
+                                          tensors=messages[0].tensors)
+        self._pending[number] = future
+        self._outgoing.put_nowait([first, *messages[1:]])
+        return future
+
+    async def _read(self) -> None:
+        assert self._replies is not None
+        cause: BaseException = SessionBroken("the session stream ended")
+        try:
+            while True:
+                messages = await collect(self._replies, keep_open=True)
+                if not messages:
+                    break
+                header, tensors = unpack(messages, self._reader)
+                if header is None:
+                    break
+                number = header.pop("call", None)
+                if number == -1:  # the expert refused the session or could not read a request of it
+                    cause = SessionBroken(str(header.get("error", "the expert ended the session")))
+                    break
+                if not isinstance(number, int):
+                    cause = SessionBroken(f"an answer without its call number ({number!r:.40})")
+                    break
+                self._acks.append(number)
+                future = self._pending.pop(number, None)
+                if future is not None and not future.done():
+                    future.set_result((header, tensors))
+        except asyncio.CancelledError:
+            cause = SessionBroken("the session was closed")
+            raise
+        except Exception as e:  # noqa: BLE001 - the expert died, the link broke, an answer (or its slot) is unreadable
+            cause = e
+        finally:
+            self._fail(cause)
+
+    def _fail(self, cause: BaseException) -> None:
+        if self.broken is None:
+            self.broken = cause
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_result((None, []))
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)
+
+    async def close(self) -> None:
+        """End the session from the trainer's side (calls still in flight get no answer)."""
+        task, replies = self._task, self._replies
+        self._task = self._replies = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._fail(SessionBroken("the session was closed"))
+        if replies is not None:
+            aclose = getattr(replies, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
