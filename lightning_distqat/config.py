@@ -221,7 +221,8 @@ class ExpertConfig:
 
     slowdown: float = 1.0
     """Test hook: every forward and backward of this expert takes this many times its compute time (it sleeps the
-    rest), as a slower machine would. 1: off."""
+    rest, in proportion to the CPU time the computation used, so other processes' load does not change the factor),
+    as a slower machine would. 1: off."""
 
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)

@@ -141,13 +141,16 @@ class ExpertServicer(ServicerBase):
         return {**reply, "shm": written[1]}, [], (arena, written[0])
 
     def _slowed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, taking ``ExpertConfig.slowdown`` times as long (the test hook; on the worker)."""
-        started = time.perf_counter()
+        """``fn(*args, **kwargs)``, taking ``ExpertConfig.slowdown`` times as long (the test hook; on the worker).
+        The pause is in proportion to the CPU time ``fn`` used on this thread, not its wall time: on a busy machine
+        the wall time grows with the other processes' load, and the hook would slow the expert down by more and more
+        the busier the machine is (the drift the adaptive-sizing benchmark saw)."""
+        started = time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             if self.config.slowdown > 1:
-                time.sleep((self.config.slowdown - 1) * (time.perf_counter() - started))
+                time.sleep((self.config.slowdown - 1) * (time.thread_time() - started))
 
     def _error(self, what: str, e: BaseException) -> dict[str, Any]:
         self.requests_failed += 1
