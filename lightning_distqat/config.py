@@ -219,6 +219,12 @@ class ExpertConfig:
     """When the expert takes a stage (at start or after a move), load that stage's newest state from one of the
     ``mirror_peers`` that announces itself and has the stage."""
 
+    flush_denormal: bool = True
+    """Compute the stage with denormal floats flushed to zero (``torch.set_flush_denormal``). Denormals (magnitudes
+    under 1.2e-38) make x86 float math many times slower, and a stage's activations and gradients get them after a
+    DiLoCo outer step has grown its weights (GELU and softmax tails underflow): measured, inner steps took up to 3 x
+    longer for several rounds. Flushing changes no result above that magnitude. False keeps IEEE denormals."""
+
     slowdown: float = 1.0
     """Test hook: every forward and backward of this expert takes this many times its compute time (it sleeps the
     rest, in proportion to the CPU time the computation used, so other processes' load does not change the factor),

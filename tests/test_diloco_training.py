@@ -180,12 +180,10 @@ def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, boots
 def test_adaptive_batch_size_brings_a_slowed_replica_to_the_others_pace(tmp_path, bootstrap):
     """Two pipelines, one of whose 'body' experts is slowed 3 x (the expert's test hook: it sleeps twice the CPU time
     of each forward and backward). With whole batches (rounds 1 and 2: the first round's pace is not used, it
-    includes the warm-up) one replica needs far longer for its inner steps than the other (4-6 x here); then the slow
-    replica takes fewer samples per step (damped), and over the last three of 8 rounds the two inner phases differ by
-    less than 1.6 x (by 1.2-1.35 x in the runs we saw). The issue's goal, every round within 20%, is met in most late
-    rounds but not in every one: the replicas' inner phases change by up to 3 x over the first rounds even with no
-    slowed expert (README, Benchmarks: a drift that starts with the first outer round), so a single round can be off
-    by more."""
+    includes the warm-up) one replica needs far longer for its inner steps than the other (2.8-3.0 x here); then the
+    slow replica takes fewer samples per step (damped), and over the last three of 8 rounds the two replicas' inner
+    phases are within 20% of each other (0.83, 0.95 and 1.01 x in the runs we saw; single rounds can be off by more
+    when one replica hiccups, e.g. a 0.6 s round taking 1.0 s). The bounds below leave room for a loaded machine."""
     experts = []
     script = Path(sys.executable).with_name("distqat-expert")
     single = {**ENV, "OMP_NUM_THREADS": "1"}  # 8 processes on 2 cores: no thread oversubscription
@@ -224,8 +222,8 @@ def test_adaptive_batch_size_brings_a_slowed_replica_to_the_others_pace(tmp_path
              for ra, rb in zip(a, b)]
     before = slow[1]["inner_seconds"] / fast[1]["inner_seconds"]
     after = sum(r["inner_seconds"] for r in slow[-3:]) / sum(r["inner_seconds"] for r in fast[-3:])
-    assert before > 2.5 and after < 1.6, f"slow/fast inner phase {before:.2f} x in round 2, {after:.2f} x in the " \
-                                         f"last 3 rounds: {table}"
+    assert before > 2.0 and 0.75 < after < 1.33, f"slow/fast inner phase {before:.2f} x in round 2, {after:.2f} x " \
+                                                  f"in the last 3 rounds: {table}"
 
 
 def test_embedded_swarm_single_pipeline_runs_diloco_without_waiting():

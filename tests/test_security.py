@@ -597,28 +597,36 @@ def _call(op: str, number: int, header: dict, tensors=()) -> list:  # noqa: ANN0
 
 
 def test_a_session_checks_every_call_as_if_it_came_alone(swarm):
-    """On a stranger's session stream: a training forward, a step and a set_state are refused (no lease), an unknown
-    op gets an error, an inference forward is answered, each answer naming its call, in order; a call without a
-    number ends the session (its answer could not be told apart); the expert's weights are unchanged."""
+    """On a stranger's session stream: an unknown op gets an error and the session goes on, an inference forward is
+    answered, each answer naming its call, in order; a training forward (no lease) is refused on its first message,
+    and the session ends there (nothing after it is read: call -1); so does a call without a number. The expert's
+    weights are unchanged."""
     _, handle, stranger, _, _ = swarm
     before = _weights(handle)
     layout, tensors = flatten_structure(((torch.randn(4, 8),), {}))
     forward = {"request_id": "s", "layout": layout}
+    inference = {**forward, "training": False, "need_grad": False}
     answers = _session(stranger, handle.peer_id, [
-        _call("forward", 0, {**forward, "training": True, "need_grad": True}, tensors),
-        _call("step", 1, {"index": 0, "groups": [{"lr": 10.0}]}),
-        _call("set_state", 2, {}, [torch.zeros(3, dtype=torch.uint8)]),
-        _call("format_disk", 3, {}),
-        _call("forward", 4, {**forward, "training": False, "need_grad": False}, tensors),
-        list(pack(runtime_pb2.ExpertRequest, {"op": "grad_norm", "call": "x", "norm_type": 2.0})),
-        _call("forward", 6, {**forward, "training": False, "need_grad": False}, tensors),
+        _call("format_disk", 0, {}),
+        _call("forward", 1, inference, tensors),
+        _call("forward", 2, {**forward, "training": True, "need_grad": True}, tensors),
+        _call("forward", 3, inference, tensors),
     ])
-    assert [a["call"] for a in answers] == [0, 1, 2, 3, 4, -1], answers  # no number: the session ends there
-    for answer in answers[:3]:
-        assert "needs the expert's lease" in answer["error"], answer
-    assert "op is one of" in answers[3]["error"] and "format_disk" in answers[3]["error"]
-    assert "error" not in answers[4] and "layout" in answers[4]
-    assert "call number" in answers[5]["error"]
+    assert [a["call"] for a in answers] == [0, 1, 2, -1], answers
+    assert "op is one of" in answers[0]["error"] and "format_disk" in answers[0]["error"]
+    assert "error" not in answers[1] and "layout" in answers[1]
+    assert "needs the expert's lease" in answers[2]["error"], answers
+    for refused in (_call("step", 0, {"index": 0, "groups": [{"lr": 10.0}]}),
+                    _call("set_state", 0, {}, [torch.zeros(3, dtype=torch.uint8)])):
+        answers = _session(stranger, handle.peer_id, [refused, _call("forward", 1, inference, tensors)])
+        assert [a["call"] for a in answers] == [0, -1], answers
+        assert "needs the expert's lease" in answers[0]["error"], answers
+    answers = _session(stranger, handle.peer_id, [
+        list(pack(runtime_pb2.ExpertRequest, {**inference, "op": "forward", "call": "x"}, tensors)),
+        _call("forward", 1, inference, tensors)])
+    assert [a["call"] for a in answers] == [-1] and "call number" in answers[0]["error"], answers
+    answers = _session(stranger, handle.peer_id, [list(pack(runtime_pb2.ExpertRequest, {"op": [1], "call": 0}))])
+    assert answers[0]["call"] == 0 and "op is one of" in answers[0]["error"], answers
     assert _same(_weights(handle), before)
     _forward_backward_is_right(handle)
 

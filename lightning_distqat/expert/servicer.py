@@ -73,7 +73,8 @@ class ExpertServicer(ServicerBase):
         self._on_fatal = on_fatal
         self.diloco: Optional[DiLoCoSync] = None
         self._diloco_config: Optional[dict[str, Any]] = None
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="distqat-stage", initializer=_float_mode,
+                                          initargs=(self.config.flush_denormal,))
         self._lease: tuple[Optional[str], float] = (None, 0.0)
         self._last_holder: Optional[str] = None
         self.leaving = False
@@ -413,15 +414,25 @@ class ExpertServicer(ServicerBase):
         held: dict[int, tuple[Arena, Any]] = {}
         ops = self._session_ops()
 
+        def check(header: dict) -> None:  # on a call's first message, before the rest of it is read
+            op = header.get("op")
+            if isinstance(op, str) and op in ops:
+                try:
+                    self._authorize(header, caller, ops[op][1](header), op)
+                except StageError as e:
+                    call = header.get("call")
+                    e.call = call if isinstance(call, int) and not isinstance(call, bool) and call >= 0 else -1
+                    raise
+
         async def read() -> None:
             try:
                 while True:
                     messages = await collect(requests, max_messages=cfg.max_request_messages,
-                                             max_bytes=cfg.max_request_bytes, keep_open=True)
+                                             max_bytes=cfg.max_request_bytes, keep_open=True, check=check)
                     if not messages:
                         break
                     await waiting.put(messages)
-            except (TooLarge, Malformed) as e:
+            except (TooLarge, Malformed, StageError) as e:  # nothing more of this session is read
                 await waiting.put(e)
             finally:
                 await waiting.put(None)
@@ -429,10 +440,13 @@ class ExpertServicer(ServicerBase):
         reader = asyncio.create_task(read())
         try:
             while (messages := await waiting.get()) is not None:
-                if isinstance(messages, Exception):
-                    async for message in linger(pack(Response, {**self._error("session", messages), "call": -1}),
-                                                seconds=0):
+                if isinstance(messages, Exception):  # refused or unreadable: its error, then the session ends
+                    call = getattr(messages, "call", -1)
+                    for message in pack(Response, {**self._error("session", messages), "call": call}):
                         yield message
+                    if call != -1:  # the caller learns that nothing after it was read
+                        for message in pack(Response, {"error": "the session ended after a refused call", "call": -1}):
+                            yield message
                     break
                 answer, end = await self._session_call(messages, context, ops, held)
                 for message in answer:
@@ -464,7 +478,7 @@ class ExpertServicer(ServicerBase):
             if isinstance(ack, int) and ack in held:
                 arena, slot = held.pop(ack)
                 arena.release(slot)
-        if op not in ops:
+        if not isinstance(op, str) or op not in ops:
             return list(pack(Response, {**self._error("session", StageError(
                 f"a session call's op is one of {sorted(ops)}, got {op!r:.40}")), "call": call})), False
 
@@ -480,6 +494,9 @@ class ExpertServicer(ServicerBase):
             if old is not None:
                 old[0].release(old[1])
             held[call] = taken
+            while len(held) > 4 * max(1, self.config.max_concurrent_per_peer):  # a caller that never acknowledges
+                oldest = held.pop(next(iter(held)))  # cannot hold the arena: its oldest answers' slots go
+                oldest[0].release(oldest[1])
         return list(pack(Response, {**reply, "call": call}, out)), False
 
     # ------------------------------------------------------------------ control RPCs (unary)
@@ -630,6 +647,13 @@ class ExpertServicer(ServicerBase):
             "qat": list(self.backend.qat) if self.backend.qat else None,
             "fake_quantized_linears": _fake_quantized(self.backend.module),
         }
+
+
+def _float_mode(flush_denormal: bool) -> None:
+    """The stage worker thread's float mode (per thread on x86: set where the stage computes)."""
+    import torch
+
+    torch.set_flush_denormal(flush_denormal)
 
 
 def _always(header: dict) -> bool:

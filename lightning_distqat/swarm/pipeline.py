@@ -186,7 +186,10 @@ class RemotePipeline:
                 state, source = gone.get_state(), "the leaving expert's own state"
             except ExpertError as e:
                 log.warning("stage '%s': the leaving expert could not hand its state over (%s)", stage, e)
-        since = 0  # the leaving expert's state lacks whatever the journal still holds
+        # the leaving expert's state holds the steps replayed into it when it took over (journal steps sent to an
+        # earlier expert) and lacks the rest
+        since = 1 + max((e.batch for e in self._journal[stage] if isinstance(e, _Step) and e.handle is not gone),
+                        default=-1)
         if state is None:
             state, source, lost, since = self._stage_snapshot(stage)
         for _ in range(MAX_FAILOVERS_PER_CALL):

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
@@ -100,6 +101,7 @@ class ExpertHandle:
         self._session_lock: Optional[asyncio.Lock] = None
         self.sessions_opened = 0
         self.grad_norm_calls = 0
+        self._closed = False
         self.norm_type: Optional[float] = None
         """Set (by the pipeline, when the trainer clips gradients by norm): every backward asks for the stage's
         gradient norm of this type in its answer, so clipping needs no ``grad_norm`` call."""
@@ -114,7 +116,8 @@ class ExpertHandle:
 
     def close(self) -> None:
         """Close the session stream, unlink this handle's shared-memory slots and unmap the expert's (after its
-        lease was given back)."""
+        lease was given back). Later calls fail as unavailable until a claim is granted again."""
+        self._closed = True
         self._end_session()
         arena, reader, self._arena, self._reader = self._arena, self._reader, None, None
         if arena is not None:
@@ -138,6 +141,8 @@ class ExpertHandle:
         if self._session_lock is None:
             self._session_lock = asyncio.Lock()
         async with self._session_lock:
+            if self._closed:
+                raise ConnectionError("this handle was closed (its lease was given back)")
             session = self._session
             if session is None or session.broken is not None:
                 if session is not None:
@@ -159,19 +164,24 @@ class ExpertHandle:
         error.stage, error.peer_id = self.stage, self.peer_id
         return error
 
-    def _call(self, what: str, coro: Any, timeout: Optional[float] = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        return self._result(what, asyncio.run_coroutine_threadsafe(coro, self._runner.loop), timeout)
+    def _call(self, what: str, coro: Any, timeout: Optional[float] = None, session: bool = False
+              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        return self._result(what, asyncio.run_coroutine_threadsafe(coro, self._runner.loop), timeout, session)
 
-    def _result(self, what: str, future: "Future[Answer]", timeout: Optional[float] = None
+    def _result(self, what: str, future: "Future[Answer]", timeout: Optional[float] = None, session: bool = False
                 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """The answer of a call in flight (``future`` on the runner's loop), or the error it ended in."""
+        """The answer of a call in flight (``future`` on the runner's loop), or the error it ended in; ``session``:
+        it went on the session stream (which a timeout then ends)."""
         timeout = self.timeout if timeout is None else timeout
         try:
             with waiting():  # other micro-batches run meanwhile
                 header, tensors = future.result(timeout)
-        except TimeoutError:
+        except CancelledError:  # another thread gave up on this call (a step that two micro-batches wait for)
+            raise self._fail(what, "the call was given up (timed out)", unavailable=True) from None
+        except (TimeoutError, FutureTimeout):
             future.cancel()
-            self._end_session()  # the calls behind a stuck one would wait too: the next call opens a new stream
+            if session:
+                self._end_session()  # the calls behind a stuck one would wait too: the next call opens a new stream
             raise self._fail(
                 what, f"no answer within {timeout:.0f}s; the expert may have died (raise request_timeout for slow links)",
                 unavailable=True,
@@ -191,7 +201,7 @@ class ExpertHandle:
         op = method.removeprefix("rpc_")
         if op in ("configure", "diloco"):  # these act on the state that the steps in flight change: after them
             self._wait_for_steps(self.timeout if timeout is None else timeout)
-        return self._call(op, self._unary_call(method, header), timeout)[0]
+        return self._call(op, self._unary_call(method, header), timeout, self.sessions and op in SESSION_OPS)[0]
 
     def _unary_call(self, method: str, header: dict[str, Any]) -> Any:
         """The coroutine of a call without tensors: on the session (for its ops, when sessions are on), else as a
@@ -241,7 +251,8 @@ class ExpertHandle:
 
         done = False
         try:
-            result = self._call(op, self._over_session(op, messages) if self.sessions else _go(), timeout)
+            result = self._call(op, self._over_session(op, messages) if self.sessions else _go(), timeout,
+                                self.sessions)
             done = True
             return result
         finally:
@@ -338,7 +349,7 @@ class ExpertHandle:
 
     def step_result(self, future: "Future[Answer]", timeout: Optional[float] = None) -> None:
         """Wait for a step sent by :meth:`send_step`; raises as :meth:`step` would."""
-        reply = self._result("step", future, timeout)[0]
+        reply = self._result("step", future, timeout, self.sessions)[0]
         if reply.get("skipped"):
             log.warning("%s", reply["skipped"])
 
@@ -380,6 +391,8 @@ class ExpertHandle:
         """Ask for (or renew) this expert's lease for this trainer (its libp2p identity). Returns ``{"granted": bool,
         "ttl", "stage", "fingerprint"}``: the expert's own word on what it serves."""
         reply = self._unary("rpc_claim", {"ttl": ttl}, timeout)
+        if reply.get("granted"):
+            self._closed = False  # claimed (again): calls may open a session
         if (reply.get("granted") and self.shared_memory and self._arena is None and reply.get("host")
                 and reply.get("host") == host_key()):
             self._arena, self._reader = Arena(), SlotReader()
