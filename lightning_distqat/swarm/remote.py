@@ -153,7 +153,7 @@ class ExpertHandle:
                 self.sessions_opened += 1
             return session
 
-    async def _over_session(self, op: str, messages: list[runtime_pb2.ExpertRequest]
+    async def _over_session(self, messages: list[runtime_pb2.ExpertRequest]
                             ) -> tuple[Optional[dict[str, Any]], list[torch.Tensor]]:
         session = await self._live_session()
         return await session.send(messages)
@@ -208,7 +208,7 @@ class ExpertHandle:
         unary RPC."""
         op = method.removeprefix("rpc_")
         if self.sessions and op in SESSION_OPS:
-            return self._over_session(op, list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof, "op": op})))
+            return self._over_session(list(pack(runtime_pb2.ExpertRequest, {**header, **self._proof, "op": op})))
 
         async def _go() -> tuple[dict[str, Any], list[torch.Tensor]]:
             (request,) = pack(runtime_pb2.ExpertRequest, {**header, **self._proof})
@@ -251,7 +251,7 @@ class ExpertHandle:
 
         done = False
         try:
-            result = self._call(op, self._over_session(op, messages) if self.sessions else _go(), timeout,
+            result = self._call(op, self._over_session(messages) if self.sessions else _go(), timeout,
                                 self.sessions)
             done = True
             return result

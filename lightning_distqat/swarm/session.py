@@ -54,10 +54,6 @@ class Session:
         self.broken: Optional[BaseException] = None
         """Why the session ended (None while it is open)."""
 
-    @property
-    def open_calls(self) -> int:
-        return len(self._pending)
-
     async def open(self) -> None:
         """Open the stream (raises what hivemind raises when the expert cannot be reached)."""
         self._outgoing = asyncio.Queue()
