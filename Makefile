@@ -30,6 +30,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stream_pingpong.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/call_breakdown.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/failover.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/wan.py
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

@@ -60,6 +60,10 @@ class SwarmConfig:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     """Where this node's libp2p host listens. Loopback by default; use ``/ip4/0.0.0.0/tcp/<port>`` to be reachable."""
 
+    announce_maddrs: list[str] = field(default_factory=list)
+    """What this trainer tells other peers to dial (``/ip4/<public ip>/tcp/<port>`` behind port forwarding, or a link
+    emulator's port, ``netem.py``); empty: the addresses it listens on. Needs an explicit port in ``host_maddrs``."""
+
     request_timeout: float = 60.0
     """Seconds one forward/backward/step call to an expert may take. When it fires the trainer raises
     :class:`~lightning_distqat.swarm.remote.ExpertUnavailableError`; raise it for slow links or very large stages."""
@@ -118,6 +122,14 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         self.access_token = _token(self.access_token)
         self.initial_peers = peers_from(self.initial_peers, "SwarmConfig")
+        for name in ("host_maddrs", "announce_maddrs"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m.startswith("/") for m in value):
+                raise ValueError(f"SwarmConfig: {name} must be a list of multiaddrs such as '/ip4/127.0.0.1/tcp/0', "
+                                 f"got {value!r}")
+        if any(m.rstrip("/").endswith("/tcp/0") for m in self.announce_maddrs):
+            raise ValueError(f"SwarmConfig: announce_maddrs need an explicit port (others dial it), got "
+                             f"{self.announce_maddrs!r}")
         if not isinstance(self.telemetry_period, (int, float)) or not 0 <= self.telemetry_period < float("inf"):
             raise ValueError(f"SwarmConfig: telemetry_period must be a number of seconds >= 0, got "
                              f"{self.telemetry_period!r}")

@@ -50,6 +50,8 @@ class SwarmClient:
     def start(self, **dht_kwargs: Any) -> "SwarmClient":
         """Start this trainer's DHT node (joining ``initial_peers``; ``dht_kwargs`` go to hivemind's DHT, e.g.
         ``identity_path`` for a stable peer id) and its P2P handle; on failure nothing is left running."""
+        if self.config.announce_maddrs:
+            dht_kwargs.setdefault("announce_maddrs", list(self.config.announce_maddrs))
         self.dht = start_dht(self.config.initial_peers, host_maddrs=self.config.host_maddrs,
                              experiment=self.config.experiment, access_token=self.config.access_token, **dht_kwargs)
         try:
