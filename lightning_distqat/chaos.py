@@ -134,7 +134,7 @@ def _throughput(batches: list[tuple[int, float, int]]) -> Optional[float]:
 
 def run(steps: int = 60, every: int = 15, signals: Sequence[str] = ("kill", "term"), spares: int = 2,
         mirror_every: int = 5, stages: int = 3, width: int = 64, batch_size: int = 32,
-        failover_timeout: float = 60.0, progress: bool = True) -> dict[str, Any]:
+        failover_timeout: float = 60.0, progress: bool = True, request_timeout: float = 30.0) -> dict[str, Any]:
     """Run the drill; returns :meth:`Chaos.report` plus the steps trained and the final loss."""
     from lightning_distqat import DistqatStrategy, SwarmConfig
 
@@ -154,7 +154,8 @@ def run(steps: int = 60, every: int = 15, signals: Sequence[str] = ("kill", "ter
     model = MLPClassifier(in_features=32, width=width, depth=stages, num_classes=8)
     names = model.STAGES
     strategy = DistqatStrategy(stages=names, spare_experts=spares, mirror_every=mirror_every,
-                               swarm=SwarmConfig(failover_timeout=failover_timeout, request_timeout=30))
+                               swarm=SwarmConfig(failover_timeout=failover_timeout,
+                                                 request_timeout=request_timeout))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, strategy=strategy, logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=progress, enable_model_summary=False, callbacks=[chaos.callback])
@@ -203,12 +204,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mirror-every", type=int, default=5, help="steps between state snapshots (default 5)")
     parser.add_argument("--stages", type=int, default=3, help="pipeline stages: MLP blocks (default 3)")
     parser.add_argument("--width", type=int, default=64, help="hidden width of the model (default 64)")
+    parser.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds a call to an expert may take (default 30); with sessions a killed expert's "
+                             "call in flight is given up only then")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = run(steps=args.steps, every=args.every, signals=[s.strip() for s in args.signals.split(",") if s],
                  spares=args.spares, mirror_every=args.mirror_every, stages=args.stages, width=args.width,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, request_timeout=args.request_timeout)
     print(format_report(report), flush=True)
     return 0 if report["steps"] == args.steps and not report["unrecovered"] else 1
 

@@ -182,71 +182,75 @@ class LinkProxy:
         self.stats.connections += 1
         lifetime = (self._random.expovariate(1 / self.link.mean_lifetime_s)
                     if self.link.mean_lifetime_s is not None else None)
-        pumps = [asyncio.create_task(self._pump(reader, up_writer, "up")),
-                 asyncio.create_task(self._pump(up_reader, writer, "down"))]
+        up, down = _OneWay(self, "up"), _OneWay(self, "down")
+        tasks = [asyncio.create_task(up.read(reader)), asyncio.create_task(up.deliver(up_writer)),
+                 asyncio.create_task(down.read(up_reader)), asyncio.create_task(down.deliver(writer))]
         try:
-            # both directions end (EOF each way), or one side resets (the other is cut), or the lifetime ends
-            _, pending = await asyncio.wait(pumps, timeout=lifetime, return_when=asyncio.FIRST_EXCEPTION)
-            if pending and lifetime is not None and not any(t.done() and t.exception() for t in pumps):
+            # both directions end (EOF each way), or one side resets or stops taking bytes (the connection is cut),
+            # or the lifetime ends
+            _, pending = await asyncio.wait(tasks, timeout=lifetime, return_when=asyncio.FIRST_EXCEPTION)
+            if pending and lifetime is not None and not any(t.done() and t.exception() for t in tasks):
                 self.stats.cut += 1
         finally:
-            for task in pumps:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             up_writer.transport.abort()
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, direction: str) -> None:
-        """Moves bytes one way: each chunk leaves when the token bucket lets it and arrives ``delay`` (+ jitter)
-        later, never before the chunk before it. Reading pauses while ``queue_limit`` bytes are in the link."""
+
+class _OneWay:
+    """One direction of one connection through a link: :meth:`read` schedules each chunk (it leaves when the token
+    bucket lets it and arrives ``delay`` + jitter later, never before the chunk before it); :meth:`deliver` writes it
+    then. Reading pauses while ``queue_limit`` bytes are in the link."""
+
+    def __init__(self, proxy: LinkProxy, direction: str) -> None:
+        self.proxy, self.direction = proxy, direction
+        self.bucket = proxy._buckets[direction]
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.queued = 0
+        self.last_arrival = 0.0
+
+    async def read(self, source: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
-        link, bucket = self.link, self._buckets[direction]
-        queue: asyncio.Queue = asyncio.Queue()
-        room = asyncio.Event()
-        room.set()
-        queued = 0
-        last_arrival = 0.0
+        link, stats = self.proxy.link, self.proxy.stats
+        while True:
+            data = await source.read(_CHUNK)
+            now = loop.time()
+            leaves = self.bucket.departure(len(data), now) if (self.bucket is not None and data) else now
+            extra = self.proxy._random.uniform(0, link.jitter_ms) if link.jitter_ms else 0.0
+            self.last_arrival = max(self.last_arrival, leaves + (link.delay_ms + extra) / 1000)
+            if not data:
+                self.queue.put_nowait((self.last_arrival, None))
+                return
+            if self.direction == "up":
+                stats.bytes_up += len(data)
+            else:
+                stats.bytes_down += len(data)
+            self.queued += len(data)
+            self.queue.put_nowait((self.last_arrival, data))
+            if self.queued > link.queue_limit:
+                self.room.clear()
+                await self.room.wait()
 
-        async def deliver() -> None:
-            nonlocal queued
-            while True:
-                arrival, data = await queue.get()
-                wait = arrival - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if data is None:
-                    if sink.can_write_eof():
-                        sink.write_eof()
-                    await sink.drain()
-                    return
-                sink.write(data)
+    async def deliver(self, sink: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            arrival, data = await self.queue.get()
+            wait = arrival - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if data is None:
+                if sink.can_write_eof():
+                    sink.write_eof()
                 await sink.drain()
-                queued -= len(data)
-                if queued <= link.queue_limit:
-                    room.set()
-
-        delivery = asyncio.create_task(deliver())
-        try:
-            while True:
-                data = await source.read(_CHUNK)
-                now = loop.time()
-                leaves = bucket.departure(len(data), now) if (bucket is not None and data) else now
-                extra = self._random.uniform(0, link.jitter_ms) if link.jitter_ms else 0.0
-                last_arrival = max(last_arrival, leaves + (link.delay_ms + extra) / 1000)
-                if not data:
-                    queue.put_nowait((last_arrival, None))
-                    break
-                if direction == "up":
-                    self.stats.bytes_up += len(data)
-                else:
-                    self.stats.bytes_down += len(data)
-                queued += len(data)
-                queue.put_nowait((last_arrival, data))
-                if queued > link.queue_limit:
-                    room.clear()
-                    await room.wait()
-            await delivery
-        finally:
-            delivery.cancel()
+                return
+            sink.write(data)
+            await sink.drain()
+            self.queued -= len(data)
+            if self.queued <= self.proxy.link.queue_limit:
+                self.room.set()
 
 
 class Netem:

@@ -144,7 +144,8 @@ def test_the_chaos_drill_reports_each_failure_and_training_goes_on():
 
     result = subprocess.run(
         [sys.executable, "-m", "lightning_distqat.chaos", "--steps", "18", "--every", "5", "--spares", "1",
-         "--mirror-every", "2", "--width", "16", "--no-progress"],
+         "--mirror-every", "2", "--width", "16", "--no-progress",
+         "--request-timeout", "10"],
         capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     out = result.stdout

@@ -396,3 +396,45 @@ def test_micro_batches_overlap_only_their_waits():
         runner.close()
     assert most[0] == 1, "two micro-batches ran Python at once"
     assert took < 4 * 3 * 0.2 * 0.6, f"the waits did not overlap ({took:.2f} s)"
+
+
+def test_an_answer_slot_of_a_cancelled_call_is_freed_once_the_worker_is_done_with_it():
+    """The caller of a call goes away while the expert's worker writes the answer into a shared-memory slot: the
+    slot is released, but only after the worker finished writing (never while it may still write)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from lightning_distqat.expert.servicer import ExpertServicer
+
+    writing, finished, released = threading.Event(), threading.Event(), []
+
+    def write() -> str:
+        writing.set()
+        time.sleep(0.2)
+        finished.set()
+        return "slot"
+
+    def release(result: str) -> None:
+        released.append((result, finished.is_set()))
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as worker:
+            servicer = SimpleNamespace(_worker=worker)
+            call = asyncio.create_task(ExpertServicer._run_holding(servicer, write, release))
+            await asyncio.get_running_loop().run_in_executor(None, writing.wait, 5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert released == []  # the worker is still writing
+            deadline = time.monotonic() + 5
+            while not released and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        assert released == [("slot", True)]
+        # and a call that is not cancelled gets its result, nothing released
+        with ThreadPoolExecutor(1) as worker:
+            assert await ExpertServicer._run_holding(SimpleNamespace(_worker=worker), lambda: "mine", release) == "mine"
+        assert released == [("slot", True)]
+
+    asyncio.run(run())

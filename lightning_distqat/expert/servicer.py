@@ -123,6 +123,18 @@ class ExpertServicer(ServicerBase):
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args, **kwargs))
 
+    async def _run_holding(self, fn: Callable[[], Any], release: Callable[[Any], None]) -> Any:
+        """``fn()`` on the worker, for a result that holds an answer slot: if the caller goes away while the worker
+        runs (the stream was cut), ``release(result)`` frees the slot once the worker is done with it (not before:
+        the worker may still be writing into it)."""
+        job = asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda done: None if done.cancelled() or done.exception() is not None
+                                  else release(done.result()))
+            raise
+
     async def _into_slot(self, reply: dict, out: list, shared: bool) -> tuple[dict, list, Optional[tuple[Arena, Any]]]:
         """An answer's tensors into a shared-memory slot when its caller takes them that way (``shared``), copied
         here for little data and on the worker thread for more; returns the answer and the slot to free once the
@@ -136,7 +148,8 @@ class ExpertServicer(ServicerBase):
         if sum(t.numel() * t.element_size() for t in out) < INLINE_BYTES:
             written = arena.write(out)
         else:
-            written = await self._run(arena.write, out)
+            written = await self._run_holding(lambda: arena.write(out),
+                                              lambda done: done is not None and arena.release(done[0]))
         if written is None:
             return reply, out, None
         return {**reply, "shm": written[1]}, [], (arena, written[0])
@@ -350,7 +363,12 @@ class ExpertServicer(ServicerBase):
                     return {"state": skeleton, "shm": written[1], _WRITTEN: (arena, written[0])}, []
             return {"state": skeleton}, [t.clone() for t in tensors]
 
-        return await self._run(run)
+        def release(result: tuple[dict, list]) -> None:
+            held = result[0].get(_WRITTEN)
+            if held is not None:
+                held[0].release(held[1])
+
+        return await self._run_holding(run, release)
 
     async def _set_state_body(self, header: dict, tensors: list, caller: str) -> tuple[dict, list]:
         """Either form of :meth:`_get_state_body`'s answer."""
