@@ -23,7 +23,6 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -113,15 +112,9 @@ class _Swarm:
         return process
 
     def _stop(self) -> None:
-        for p in self.processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in self.processes:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        from tests.helpers import interrupt_all
+
+        interrupt_all(self.processes)
 
 
 def _worker(args: list[str], swarm: _Swarm, out: Path, log: Path) -> subprocess.Popen:

@@ -115,12 +115,15 @@ def test_connections_through_one_link_share_its_rate():
 
     async def run() -> float:
         done = []
+        both = asyncio.Event()
 
         async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             total = 0
             while data := await reader.read(65536):
                 total += len(data)
             done.append((total, time.perf_counter()))
+            if len(done) == 2:
+                both.set()
             writer.close()
 
         server = await asyncio.start_server(sink, "127.0.0.1", 0)
@@ -134,9 +137,7 @@ def test_connections_through_one_link_share_its_rate():
 
         started = time.perf_counter()
         await asyncio.gather(send(), send())
-        deadline = time.monotonic() + 10
-        while len(done) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(both.wait(), 10)
         await proxy.close()
         server.close()
         assert [total for total, _ in done] == [size, size]
@@ -255,11 +256,8 @@ def test_a_pipeline_trains_through_the_links_that_its_peers_announce(tmp_path):
     link = Link(delay_ms=25, rate_mbit=200)
     bootstrap = start_dht()
     peer = str(bootstrap.get_visible_maddrs()[0])
-    ports = []
-    for _ in range(2):
-        with socket.create_server(("127.0.0.1", 0)) as s:
-            ports.append(s.getsockname()[1])
-    expert_port, trainer_port = ports
+    with socket.create_server(("127.0.0.1", 0)) as a, socket.create_server(("127.0.0.1", 0)) as b:
+        expert_port, trainer_port = a.getsockname()[1], b.getsockname()[1]  # two distinct free ports
     with Netem() as netem:
         expert_proxy, trainer_proxy = netem.add(expert_port, link), netem.add(trainer_port, link)
         expert = subprocess.Popen(

@@ -402,24 +402,26 @@ def test_an_answer_slot_of_a_cancelled_call_is_freed_once_the_worker_is_done_wit
     """The caller of a call goes away while the expert's worker writes the answer into a shared-memory slot: the
     slot is released, but only after the worker finished writing (never while it may still write)."""
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from lightning_distqat.expert.servicer import ExpertServicer
 
-    writing, finished, released = threading.Event(), threading.Event(), []
+    writing, proceed, finished, released = threading.Event(), threading.Event(), threading.Event(), []
 
     def write() -> str:
         writing.set()
-        time.sleep(0.2)
+        assert proceed.wait(5)  # still writing until the test says so
         finished.set()
         return "slot"
 
-    def release(result: str) -> None:
-        released.append((result, finished.is_set()))
-
     async def run() -> None:
+        freed = asyncio.Event()
+
+        def release(result: str) -> None:  # on the loop, from the worker job's done callback
+            released.append((result, finished.is_set()))
+            freed.set()
+
         with ThreadPoolExecutor(1) as worker:
             servicer = SimpleNamespace(_worker=worker)
             call = asyncio.create_task(ExpertServicer._run_holding(servicer, write, release))
@@ -428,13 +430,13 @@ def test_an_answer_slot_of_a_cancelled_call_is_freed_once_the_worker_is_done_wit
             with pytest.raises(asyncio.CancelledError):
                 await call
             assert released == []  # the worker is still writing
-            deadline = time.monotonic() + 5
-            while not released and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            proceed.set()
+            await asyncio.wait_for(freed.wait(), 5)
         assert released == [("slot", True)]
         # and a call that is not cancelled gets its result, nothing released
         with ThreadPoolExecutor(1) as worker:
-            assert await ExpertServicer._run_holding(SimpleNamespace(_worker=worker), lambda: "mine", release) == "mine"
+            assert await ExpertServicer._run_holding(SimpleNamespace(_worker=worker), lambda: "mine",
+                                                     released.append) == "mine"
         assert released == [("slot", True)]
 
     asyncio.run(run())
