@@ -460,9 +460,12 @@ class ExpertServicer(ServicerBase):
             while (messages := await waiting.get()) is not None:
                 if isinstance(messages, Exception):  # refused or unreadable: its error, then the session ends
                     call = getattr(messages, "call", -1)
-                    for message in pack(Response, {**self._error("session", messages), "call": call}):
+                    # ``session_ends``: the caller marks the session broken before it hands out this answer, so
+                    # its next call opens a new session instead of racing the end of this one
+                    for message in pack(Response, {**self._error("session", messages), "call": call,
+                                                   "session_ends": True}):
                         yield message
-                    if call != -1:  # the caller learns that nothing after it was read
+                    if call != -1:  # calls sent after it: nothing of them was read
                         for message in pack(Response, {"error": "the session ended after a refused call", "call": -1}):
                             yield message
                     break

@@ -102,9 +102,15 @@ class Session:
                     cause = SessionBroken(f"an answer without its call number ({number!r:.40})")
                     break
                 self._acks.append(number)
+                ends = header.pop("session_ends", False)
+                if ends:  # a refused call: the expert reads nothing more of this session
+                    cause = SessionBroken(str(header.get("error", "the expert ended the session")))
+                    self.broken = cause  # before the caller sees the answer: its next call opens a new session
                 future = self._pending.pop(number, None)
                 if future is not None and not future.done():
                     future.set_result((header, tensors))
+                if ends:
+                    break
         except asyncio.CancelledError:
             cause = SessionBroken("the session was closed")
             raise
