@@ -62,6 +62,20 @@ def two_nodes():
             node.shutdown()
 
 
+def _started_pair(two_nodes, prefix: str, averaging_timeout: float) -> list[tuple[DiLoCoSync, nn.Module]]:
+    """Two started replicas of one ``nn.Linear(5, 2)`` each (rounds of 1 inner step, matchmaking 1 s)."""
+    nodes, syncs = two_nodes
+    cfg = DiLoCoConfig(inner_steps=1, matchmaking_time=1.0, averaging_timeout=averaging_timeout)
+    pair = []
+    for dht in nodes[:2]:
+        model = nn.Linear(5, 2)
+        sync = DiLoCoSync(list(model.parameters()), cfg, dht=dht, prefix=prefix)
+        syncs.append(sync)
+        sync.start()  # one after the other (see below)
+        pair.append((sync, model))
+    return pair
+
+
 def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
     (dht_a, dht_b, dht_c), syncs = two_nodes
     torch.manual_seed(0)
@@ -109,14 +123,7 @@ def test_replicas_agree_after_every_round_and_late_joiner_catches_up(two_nodes):
 
 
 def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
-    (dht_a, dht_b, _), syncs = two_nodes
-    model_a, model_b = nn.Linear(5, 2), nn.Linear(5, 2)
-    cfg = DiLoCoConfig(inner_steps=1, matchmaking_time=1.0, averaging_timeout=4.0)
-    a = DiLoCoSync(list(model_a.parameters()), cfg, dht=dht_a, prefix="t_x_diloco")
-    b = DiLoCoSync(list(model_b.parameters()), cfg, dht=dht_b, prefix="t_x_diloco")
-    syncs += [a, b]
-    a.start()
-    b.start()
+    (a, model_a), (b, model_b) = _started_pair(two_nodes, "t_x_diloco", averaging_timeout=4.0)
     _inner_steps(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), 1, 2)
     expected = [o.detach() - p.detach() for o, p in zip(a.state.outer, model_a.parameters())]
     report = a.round(samples=16)  # b never shows up for this round
@@ -140,6 +147,25 @@ def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
         assert a.state.digest() == b.state.digest(), f"round {r}: the replicas differ"
         for pa, pb in zip(model_a.parameters(), model_b.parameters()):
             assert torch.equal(pa, pb)
+
+
+def test_a_replica_whose_partners_left_steps_alone_without_waiting(two_nodes):
+    """Heartbeats (``diloco/presence.py``): once every replica this one saw has left (or its heartbeat stopped), a
+    round applies its own pseudo-gradient at once instead of waiting ``averaging_timeout`` for a group."""
+    (a, model_a), (b, model_b) = _started_pair(two_nodes, "t_p_diloco", averaging_timeout=30.0)
+    reports = _in_parallel(lambda: a.round(samples=16), lambda: b.round(samples=16))
+    assert [r.group_size for r in reports] == [2, 2] and reports[0].failed is None, reports
+    b.shutdown()  # says it left
+    _inner_steps(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), 1, 2)
+    expected = [o.detach() - p.detach() for o, p in zip(a.state.outer, model_a.parameters())]
+    outer = [o.detach().clone() for o in a.state.outer]
+    report = a.round(samples=16)
+    assert report.group_size == 1 and report.round == 2, report
+    assert report.failed is not None and "gone" in report.failed, report
+    # its own outer step: plain SGD with outer_lr (the default outer optimizer is Nesterov; only check direction)
+    moved = [n.detach() - o for n, o in zip(a.state.outer, outer)]
+    assert all(torch.isfinite(m).all() for m in moved) and any(m.abs().sum() > 0 for m in moved)
+    assert sum(float((m * e).sum()) for m, e in zip(moved, expected)) < 0, "the outer step goes along -pseudo-grad"
 
 
 def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):

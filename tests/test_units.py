@@ -440,3 +440,48 @@ def test_an_answer_slot_of_a_cancelled_call_is_freed_once_the_worker_is_done_wit
         assert released == [("slot", True)]
 
     asyncio.run(run())
+
+
+def test_a_replica_is_alive_if_any_signed_record_says_so():
+    """Heartbeats of DiLoCo replicas (``diloco/presence.py``): the peer id follows the owner marker in the subkey;
+    a "left" record cannot hide a live heartbeat; records without a marker or with a bad value are ignored."""
+    from types import SimpleNamespace as NS
+
+    from lightning_distqat.diloco.presence import live_peers
+
+    def found(**records):
+        return NS(value={subkey: NS(value=value) for subkey, value in records.values()})
+
+    assert live_peers(None) is None and live_peers(NS(value="junk")) is None
+    alive = found(a=(b"[owner:KEY1]peerA", {"alive": True}), b=(b"[owner:KEY2]peerB", {"alive": False}),
+                  c=(b"[owner:KEY3]peerB", {"alive": True}), d=(b"peerC", {"alive": True}),
+                  e=(b"[owner:KEY4]peerD", {"alive": 1}), f=(b"[owner:KEY5]peerE", "yes"),
+                  g=("[owner:KEY6]peerF", {"alive": True}), h=(b"[owner:KEY7]", {"alive": True}))
+    assert live_peers(alive) == {"peerA", "peerB"}
+    assert live_peers(found(b=(b"[owner:KEY2]peerB", {"alive": False}))) == set()
+
+
+def test_a_replica_is_deserted_only_when_partners_it_saw_are_gone():
+    from types import SimpleNamespace as NS
+
+    from lightning_distqat.diloco.presence import Presence
+
+    class DHT:  # what the DHT returns for the presence key
+        def __init__(self):
+            self.records = {}
+
+        def get(self, key, latest):
+            return NS(value={b"[owner:K]" + p.encode(): NS(value={"alive": a}) for p, a in self.records.items()})
+
+    dht = DHT()
+    presence = Presence(dht, "t_x_diloco", "me", period=1.0)
+    dht.records = {"me": True}
+    assert not presence.deserted(), "nobody seen yet: a partner may be starting"
+    dht.records = {"me": True, "other": True}
+    assert presence.others() == {"other"} and not presence.deserted()
+    dht.records = {"me": True, "other": False}
+    assert presence.deserted()
+    dht.records = {"other": False}
+    assert not presence.deserted(), "its own heartbeat missing: the lookup was incomplete, nothing is concluded"
+    dht.get = lambda key, latest: (_ for _ in ()).throw(TimeoutError("no DHT"))
+    assert presence.others() is None and not presence.deserted()

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import traceback
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
@@ -30,6 +31,7 @@ from lightning_distqat.diloco.aggregate import Contribution, robust_aggregate
 from lightning_distqat.diloco.compression import compressed_bytes, pseudo_gradient_compression
 from lightning_distqat.diloco.config import DiLoCoConfig
 from lightning_distqat.diloco.outer import OuterState
+from lightning_distqat.diloco.presence import Presence
 from lightning_distqat.swarm.messages import state_to_tensor, tensor_to_state
 
 __all__ = ["DiLoCoSync", "RoundReport", "catch_up_round"]
@@ -250,6 +252,7 @@ class DiLoCoSync:
         self.state = OuterState(local, config, outer_optimizer_cls)
         self._dht, self._prefix = dht, prefix
         self._averager: Optional[_Averager] = None
+        self._presence: Optional[Presence] = None
         self._compression = pseudo_gradient_compression(config.pseudo_gradient_codec, config.codec_block_size)
         self.reports: list[RoundReport] = []
         self.listen_next_round = False
@@ -279,14 +282,20 @@ class DiLoCoSync:
         )
         try:
             self._averager.start_here(timeout=self.config.averaging_timeout)
+            self._presence = Presence(self._dht, self._prefix, self._averager.peer_id.to_base58(),
+                                      period=max(1.0, self.config.matchmaking_time)).start()
         except BaseException:
             self.shutdown()
             raise
+        self._presence.others()  # the replicas alive now count as seen
         self._load_from_peers(newer_only=newer_only)
         return self
 
     def shutdown(self) -> None:
-        """Leave the averaging group and stop its process."""
+        """Leave the averaging group (saying so in the DHT) and stop its process."""
+        if self._presence is not None:
+            self._presence.stop()
+            self._presence = None
         if self._averager is not None:
             self._averager.stop()
             self._averager = None
@@ -359,24 +368,31 @@ class DiLoCoSync:
         replica's seconds per sample and whole batch) is announced to the group; the report carries the members'.
 
         A replica left out of every group loads the outer state of a peer that took part if there is one (so it
-        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. With
+        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. A replica whose partners'
+        heartbeats all stopped (``presence.py``) does that at once instead of waiting ``averaging_timeout``. With
         ``listen_next_round`` it only takes the aggregate of the others this time.
         """
         assert self._started, "DiLoCoSync.start() was not called"
         listening, self.listen_next_round = self.listen_next_round, False
         pseudo = self.state.pseudo_gradients()
         group, error = None, None
-        if self._averager is not None:  # a solo replica has nobody to average with
+        deserted = self._presence is not None and self._presence.deserted()
+        if deserted:
+            error = "every other replica of the group is gone (their heartbeats stopped)"
+        elif self._averager is not None:  # a solo replica has nobody to average with
             with self._averager.get_tensors() as tensors:
                 for t, g in zip(tensors, pseudo):
                     t.copy_(g)
             try:
-                group = self._averager.step(
+                control = self._averager.step(
                     weight=0.0 if listening else max(float(samples), 1e-6), timeout=self.config.averaging_timeout,
-                    allow_retries=False,
+                    allow_retries=False, wait=False,
                     gather={"round": self.state.round, "digest": self.state.digest(),
                             **({"pace": pace} if pace else {})},
                 )
+                group, deserted = self._await_group(control)
+                if deserted:
+                    error = "every other replica of the group left while this one waited for a group"
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 error = "".join(traceback.format_exception_only(e)).strip()
                 log.warning("DiLoCo %s: the all-reduce of round %d failed; this replica takes a newer peer state if "
@@ -406,7 +422,7 @@ class DiLoCoSync:
                             f"; no contribution came from {outcome['missing']}" if outcome["missing"] else "")
             report = RoundReport(self.state.round, len(outcome["used"]) + len(outcome["listening"]), outcome["sent"],
                                  outcome["received"], excluded=outcome["excluded"])
-        elif self._averager is not None and self._load_from_peers():
+        elif self._averager is not None and not deserted and self._load_from_peers():
             report = RoundReport(self.state.round, 0, 0, nbytes, failed=error)
         else:
             self.state.apply(pseudo)
@@ -416,6 +432,22 @@ class DiLoCoSync:
                             and (p := parse_pace(data.get("pace"))) is not None]
         self.reports.append(report)
         return report
+
+    def _await_group(self, control: Any) -> tuple[Any, bool]:
+        """The result of a round's averaging step (``control``: hivemind's ``StepControl``), checking every
+        heartbeat period whether the other replicas are still alive: ``(group, False)``, or ``(None, True)`` after
+        cancelling the step when they are all gone. Raises what the step raised."""
+        presence = self._presence
+        while True:
+            try:
+                return control.result(timeout=presence.period if presence is not None else None), False
+            except FutureTimeout:
+                pass
+            if presence is not None and presence.deserted() and not control.done():
+                control.cancel()
+                log.warning("DiLoCo %s: every other replica of the group is gone; round %d goes on alone",
+                            self._prefix, self.state.round + 1)
+                return None, True
 
     def _catch_up(self, target: int) -> bool:
         """Adopt the outer state of round ``target`` from a replica of the group (which takes a moment to apply the
