@@ -168,3 +168,59 @@ def test_the_fastest_replica_keeps_its_whole_batch_whatever_the_earlier_rounds_s
                                                                                                "full": 64}])
     assert adapted_batch(slow, [{"sps": 0.002, "full": 64}], tau=0.064) < adapted_batch(slow, [{"sps": 0.002,
                                                                                                 "full": 64}])
+
+
+def test_a_part_already_at_the_target_round_skips_it_and_keeps_its_inner_progress():
+    """A replacement that caught up with its group ahead of its trainer's other parts: the trainer's next round
+    targets the lowest part's round + 1, and the part that is already there skips it."""
+    from lightning_distqat.diloco.sync import DiLoCoSync
+
+    model = torch.nn.Linear(3, 2)
+    sync = DiLoCoSync(list(model.parameters()), DiLoCoConfig(inner_steps=2), dht=None, prefix="t", solo=True).start()
+    with torch.no_grad():
+        model.weight.add_(0.5)
+    assert sync.round(8.0, target=1).round == 1
+    with torch.no_grad():
+        model.weight.add_(0.25)  # inner progress after round 1
+    local = [p.detach().clone() for p in model.parameters()]
+    outer = [o.detach().clone() for o in sync.state.outer]
+    report = sync.round(8.0, target=1)
+    assert report.skipped and report.round == 1 and report.group_size == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), local)), "a skipped round keeps the inner steps"
+    assert all(torch.equal(o, q) for o, q in zip(sync.state.outer, outer))
+    assert not sync.round(8.0, target=2).skipped and sync.state.round == 2
+
+
+def test_a_trainer_targets_its_lowest_part_and_realigns_a_part_that_got_ahead():
+    """``TrainerRounds`` with stand-in experts (pure logic): stages at rounds 2 and 3 (a replacement that adopted a
+    newer state) -> the round targets 3, the stage at 3 skips, and the next round targets 4 for both."""
+    from dataclasses import asdict
+
+    from lightning_distqat.diloco.rounds import TrainerRounds
+    from lightning_distqat.diloco.sync import RoundReport
+
+    class Stage:
+        def __init__(self, name, at):
+            self.stage, self.at, self.targets = name, at, []
+
+        def diloco(self, op, timeout=None, **fields):
+            if op == "start":
+                return {"round": self.at}
+            self.targets.append(fields["target"])
+            skipped = self.at >= fields["target"]
+            if not skipped:
+                self.at += 1
+            return {**asdict(RoundReport(self.at, 0 if skipped else 2, 10, 10, skipped=skipped)), "checksum": 0.0}
+
+    stages = {"stem": Stage("stem", 2), "body": Stage("body", 3)}
+    rounds = TrainerRounds(DiLoCoConfig(inner_steps=1), handles=stages, local_params=[], dht=None, experiment="t",
+                           solo=False, request_timeout=5.0)
+    try:
+        assert rounds.start() == 3
+        first = rounds.inner_step_done()
+        assert [s.targets for s in stages.values()] == [[3], [3]]
+        assert first["round"] == 3 and first["group_size"] == 2 and first["group_sizes"] == {"stem": 2, "body": 0}
+        rounds.inner_step_done()
+        assert [s.targets for s in stages.values()] == [[3, 4], [3, 4]] and stages["body"].at == 4
+    finally:
+        rounds.finish(keep_outer=False)

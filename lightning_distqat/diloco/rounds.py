@@ -59,6 +59,9 @@ class TrainerRounds:
         )
         self.inner_steps = 0
         self.samples_since_round = 0.0
+        self._at: dict[str, int] = {}
+        """Each part's outer round (by stage, and this trainer's own group) as last reported: a round's target is
+        the lowest + 1, so a part that got ahead (a replacement that caught up with its group) waits for the others."""
         self.reports: list[dict[str, Any]] = []
         self.batch_size: Optional[int] = config.batch_size_per_step
         """Samples per inner step this replica takes from each batch (None: the whole batch): the fixed
@@ -84,12 +87,12 @@ class TrainerRounds:
                 self._sync.state.load_state_dict(restore["local"], reset_local=False)
             self.inner_steps = int(restore.get("inner_steps", 0))
             self.samples_since_round = float(restore.get("samples_since_round", 0.0))
-        rounds = [self._call(stage, self.join)["round"] for stage in self.handles]
+        self._at = {stage: int(self._call(stage, self.join)["round"]) for stage in self.handles}
         if self._sync is not None:
             newer_only = bool(restore) and restore.get("local") is not None
-            rounds.append(self._sync.start(newer_only=newer_only).state.round)
+            self._at[self._group] = self._sync.start(newer_only=newer_only).state.round
         self._inner_started = self._step_mark = time.monotonic()
-        return max(rounds, default=0)
+        return max(self._at.values(), default=0)
 
     def state_dict(self, *, failover: bool = True) -> dict[str, Any]:
         """The outer state of every part of this replica (each stage's, pulled from its expert, and the trainer's
@@ -110,7 +113,8 @@ class TrainerRounds:
     def join_replacement(self, stage: str, handle: ExpertHandle) -> str:
         """The pipeline's ``on_replaced`` hook: a replacement of ``stage`` joins mid-round. Says which outer round
         it is at (a live replica's, if one had a newer state than the snapshot)."""
-        return f"DiLoCo outer state of round {self.join(handle, listen_first=True)['round']}"
+        self._at[stage] = int(self.join(handle, listen_first=True)["round"])
+        return f"DiLoCo outer state of round {self._at[stage]}"
 
     def inner_step_done(self) -> Optional[dict[str, Any]]:
         """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
@@ -136,7 +140,8 @@ class TrainerRounds:
         steps, self._step_seconds = self._step_seconds, []
         typical = statistics.median(steps) * len(steps) if steps else inner_seconds
         pace = self._pace(samples, typical)
-        fields = {"samples": samples, **({"pace": pace} if pace else {})}
+        target = min(self._at.values()) + 1 if self._at else None
+        fields = {"samples": samples, "target": target, **({"pace": pace} if pace else {})}
         pending = []
         if self.handles:  # all stages at once, so the pipeline syncs at one inner step
             assert self._pool is not None
@@ -144,10 +149,11 @@ class TrainerRounds:
                        for stage in self.handles]
         per_group: dict[str, dict[str, Any]] = {}
         if self._sync is not None:  # this trainer's own parameters, while the experts run their rounds
-            per_group[self._group] = {**asdict(self._sync.round(samples, pace=pace)),
+            per_group[self._group] = {**asdict(self._sync.round(samples, pace=pace, target=target)),
                                       "checksum": self._sync.state.checksum()}
         per_group.update({stage: f.result() for stage, f in zip(self.handles, pending)})
         for group, r in per_group.items():
+            self._at[group] = int(r["round"])
             if r.get("failed"):
                 log.warning("DiLoCo round %d of group '%s' went on without averaging (%s)", r["round"], group,
                             r["failed"])
@@ -156,7 +162,7 @@ class TrainerRounds:
         report = {
             "inner_step": self.inner_steps,
             "round": min(r["round"] for r in per_group.values()),
-            "group_size": min(r["group_size"] for r in per_group.values()),
+            "group_size": min((r["group_size"] for r in per_group.values() if not r.get("skipped")), default=0),
             "group_sizes": {group: r["group_size"] for group, r in per_group.items()},
             "bytes_sent": sum(r["bytes_sent"] for r in per_group.values()),
             "bytes_received": sum(r["bytes_received"] for r in per_group.values()),

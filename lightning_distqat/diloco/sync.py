@@ -55,6 +55,9 @@ class RoundReport:
     """Replicas of the group whose contributions were left out (by peer id), and why."""
     paces: list[dict[str, Any]] = field(default_factory=list)
     """The paces the group's members announced for adaptive batch sizing (``diloco/pace.py``), well-formed ones only."""
+    skipped: bool = False
+    """This replica's outer state was already at the round its trainer's other parts were completing (a replacement
+    that caught up with its group ahead of them): it kept its inner progress and did not average (group size 0)."""
 
 
 class _Averager(DecentralizedAverager):
@@ -362,7 +365,8 @@ class DiLoCoSync:
                         raise ValueError(f"its outer optimizer state {name!r} is larger than max_state_distance "
                                          "times our outer params")
 
-    def round(self, samples: float, pace: Optional[dict[str, Any]] = None) -> RoundReport:
+    def round(self, samples: float, pace: Optional[dict[str, Any]] = None, target: Optional[int] = None
+              ) -> RoundReport:
         """Average pseudo-gradients with the replicas that show up within ``averaging_timeout`` (weighted by
         ``samples`` processed since the last round), take the outer step, reset local params. ``pace`` (this
         replica's seconds per sample and whole batch) is announced to the group; the report carries the members'.
@@ -371,9 +375,19 @@ class DiLoCoSync:
         rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. A replica whose partners'
         heartbeats all stopped (``presence.py``) does that at once instead of waiting ``averaging_timeout``. With
         ``listen_next_round`` it only takes the aggregate of the others this time.
+
+        ``target``: the round the trainer's parts are completing; a replica whose outer state is already there (a
+        replacement that caught up with a group ahead of the trainer's other parts) skips this round, so that the
+        trainer's parts are at the same round again after it.
         """
         assert self._started, "DiLoCoSync.start() was not called"
         listening, self.listen_next_round = self.listen_next_round, False
+        if target is not None and self.state.round >= target:
+            log.info("DiLoCo %s: this replica's outer state is already at round %d (the trainer completes round %d): "
+                     "it skips this round", self._prefix, self.state.round, target)
+            report = RoundReport(self.state.round, 0, 0, 0, skipped=True)
+            self.reports.append(report)
+            return report
         pseudo = self.state.pseudo_gradients()
         group, error = None, None
         deserted = self._presence is not None and self._presence.deserted()

@@ -567,7 +567,8 @@ class ExpertServicer(ServicerBase):
     async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
         """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and
         loads the current outer state from a peer); a later ``start`` must bring the same config. ``{"op": "round",
-        "samples": n}`` runs one outer round; ``{"op": "finish"}`` resets the local params to the outer params."""
+        "samples": n, "target": r}`` runs one outer round
+        (skipped when the stage's outer state is already at round ``r``, see ``DiLoCoSync.round``); ``{"op": "finish"}`` resets the local params to the outer params."""
 
         def fn(header: dict, caller: str) -> Any:
             op = header.get("op")
@@ -581,7 +582,11 @@ class ExpertServicer(ServicerBase):
                 if pace is not None and parse_pace(pace) is None:
                     raise StageError(f"a round's pace is {{'sps': seconds per sample > 0, 'full': batch size >= 1}}, "
                                      f"got {pace!r:.100}")
-                return {**asdict(self.diloco.round(samples, pace=pace)), "checksum": self.diloco.state.checksum()}
+                target = header.get("target")
+                if target is not None and (type(target) is not int or not 0 <= target < 2**31):
+                    raise StageError(f"a round's target is None or an int in [0, 2^31), got {target!r:.40}")
+                return {**asdict(self.diloco.round(samples, pace=pace, target=target)),
+                        "checksum": self.diloco.state.checksum()}
             if op == "finish":
                 self.diloco.state.copy_to_local()
                 return {"round": self.diloco.state.round}
