@@ -91,7 +91,9 @@ class ExpertHandle:
         self.bytes_sent = 0
         """Tensor bytes of forward/backward requests sent to this expert (after encoding)."""
         self.bytes_received = 0
-        self._stub = ExpertServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+        self._p2p, self._peer = p2p, PeerID.from_base58(peer_id)
+        self._stub = ExpertServicer.get_stub(p2p, self._peer)
+        self._session_handle = ExpertServicer._get_handle_name(None, "rpc_session")  # hivemind's name of the RPC
         self.shared_memory = shared_memory
         self._arena: Optional[Arena] = None
         """Slots for this expert's requests, from the first claim that shows it shares this host."""
@@ -147,7 +149,7 @@ class ExpertHandle:
             if session is None or session.broken is not None:
                 if session is not None:
                     await session.close()
-                session = Session(self._stub, self._reader)
+                session = Session(self._p2p, self._peer, self._session_handle, self._reader)
                 await session.open()
                 self._session = session
                 self.sessions_opened += 1

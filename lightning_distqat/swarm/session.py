@@ -10,6 +10,11 @@ Everything here runs on the trainer's ``AsyncRunner`` loop. The trainer closes t
 does: see ``messages.linger``). When the stream breaks (the expert died, a cut link, an answer that cannot be read),
 every call in flight gets "no answer" (``None``) and the session is done; the handle opens a new one for the next
 call.
+
+The stream is read and written here with hivemind's framing (``P2P.send_protobuf``/``receive_protobuf``) rather than
+through the servicer stub: the stub's answer iterator, once the other side has gone, waits for the request iterator
+to end before it ends itself, and a session's requests end only when the trainer closes it, so a dead expert's calls
+would wait out ``request_timeout`` instead of failing over at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import itertools
 import logging
 from typing import Any, AsyncIterator, Optional
 
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
@@ -40,14 +46,15 @@ class SessionBroken(ConnectionError):
 class Session:
     """One expert's session stream, opened by :meth:`open` on the runner's loop."""
 
-    def __init__(self, stub: Any, reader: Optional[SlotReader]) -> None:
-        """``stub``: the expert's ``ExpertServicer`` stub; ``reader``: maps the expert's answer slots (None: the
-        expert answers with bytes)."""
-        self._stub = stub
+    def __init__(self, p2p: P2P, peer: PeerID, handle: str, reader: Optional[SlotReader]) -> None:
+        """``handle``: the name under which the expert serves ``rpc_session``; ``reader``: maps the expert's answer
+        slots (None: the expert answers with bytes)."""
+        self._p2p, self._peer, self._handle = p2p, peer, handle
         self._reader = reader
         self._outgoing: Optional[asyncio.Queue] = None
         self._replies: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
         self._task: Optional[asyncio.Task] = None
+        self._writer_task: Optional[asyncio.Task] = None
         self._pending: dict[int, asyncio.Future] = {}
         self._acks: list[int] = []
         self._numbers = itertools.count()
@@ -57,15 +64,36 @@ class Session:
     async def open(self) -> None:
         """Open the stream (raises what hivemind raises when the expert cannot be reached)."""
         self._outgoing = asyncio.Queue()
-        outgoing = self._outgoing
+        _, reader, writer = await self._p2p.call_binary_stream_handler(self._peer, self._handle)
+        self._writer_task = asyncio.create_task(self._write(writer, self._outgoing))
+        self._replies = self._answers(reader)
+        self._task = asyncio.create_task(self._read())
 
-        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    async def _write(self, writer: asyncio.StreamWriter, outgoing: asyncio.Queue) -> None:
+        """Send the queued calls' messages in order; at the session's end (``None``) say so and close our side."""
+        try:
             while (messages := await outgoing.get()) is not None:
                 for message in messages:
-                    yield message
+                    await P2P.send_protobuf(message, writer)
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the stream broke under us: the reader sees it too
+            self._fail(SessionBroken(f"the session stream could not be written ({type(e).__name__}: {e})"))
+        finally:
+            writer.close()
 
-        self._replies = await self._stub.rpc_session(requests())
-        self._task = asyncio.create_task(self._read())
+    @staticmethod
+    async def _answers(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """The expert's answer messages until the stream ends (the expert or its link is gone)."""
+        while True:
+            try:
+                answer, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            except asyncio.IncompleteReadError:
+                return
+            if error is not None:
+                raise SessionBroken(f"the expert's session failed: {error.message}")
+            yield answer
 
     def send(self, messages: list[runtime_pb2.ExpertRequest]) -> "asyncio.Future[Answer]":
         """Send one call (``messages`` from ``messages.pack``, its header without ``call``); returns the future of
@@ -131,13 +159,16 @@ class Session:
 
     async def close(self) -> None:
         """End the session from the trainer's side (calls still in flight get no answer)."""
-        task, replies = self._task, self._replies
-        self._task = self._replies = None
+        task, replies, writing = self._task, self._replies, self._writer_task
+        self._task = self._replies = self._writer_task = None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._fail(SessionBroken("the session was closed"))
+        if writing is not None:  # it says goodbye and closes the stream, or is cut short
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(writing, timeout=5)
         if replies is not None:
             aclose = getattr(replies, "aclose", None)
             if aclose is not None:
