@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(BIN)/distqat-train require_progress=true
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest --durations=30
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/startup.py
