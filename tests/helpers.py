@@ -174,6 +174,37 @@ class ThreeStageNet(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
 
 
+_unread: dict[int, str] = {}
+"""Output read from a child past the line ``wait_for_line`` returned, by pid (the next call starts there)."""
+
+
+def wait_for_line(process: subprocess.Popen, wanted: Callable[[str], bool], seconds: float) -> tuple[bool, list[str]]:
+    """Read ``process``'s stdout (a pipe) until a line for which ``wanted(line)`` holds: ``(True, lines so far)``,
+    or ``(False, lines)`` when the output ended or ``seconds`` passed. Reads the pipe's file descriptor itself: a
+    buffered ``readline`` after ``select`` can leave a line in Python's buffer, unseen until more output comes."""
+    import select
+    import time
+
+    fd, seen = process.stdout.fileno(), []
+    buffer = _unread.pop(process.pid, "")
+    deadline = time.monotonic() + seconds
+    while True:
+        while "\n" in buffer:
+            line, buffer = buffer.split("\n", 1)
+            seen.append(line + "\n")
+            if wanted(line):
+                _unread[process.pid] = buffer
+                return True, seen
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False, seen
+        if select.select([fd], [], [], min(1.0, remaining))[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return False, seen + ([buffer] if buffer else [])
+            buffer += chunk.decode(errors="replace")
+
+
 def toy_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     """A learnable toy task: 16 features, the label is the argmax of a fixed linear map (the same for every seed)."""
     teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(1234))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_distqat.diloco.config import DiLoCoConfig
-from lightning_distqat.diloco.sync import DiLoCoSync
+from lightning_distqat.diloco.sync import GONE, DiLoCoSync
 from lightning_distqat.swarm.dht import start_dht
 
 pytestmark = [pytest.mark.swarm]
@@ -150,9 +150,10 @@ def test_absent_replica_is_left_out_and_the_round_goes_on(two_nodes):
 
 
 def test_a_replica_whose_partners_left_steps_alone_without_waiting(two_nodes):
-    """Heartbeats (``diloco/presence.py``): once every replica this one saw has left (or its heartbeat stopped), a
-    round applies its own pseudo-gradient at once instead of waiting ``averaging_timeout`` for a group."""
-    (a, model_a), (b, model_b) = _started_pair(two_nodes, "t_p_diloco", averaging_timeout=30.0)
+    """Heartbeats (``diloco/presence.py``): once every replica this one saw has left (or its heartbeat stopped) for
+    half the ``averaging_timeout`` (the grace time for a replacement), a round still looking for a group gives up
+    and applies its own pseudo-gradient, instead of failing at ``averaging_timeout``; the next one does at once."""
+    (a, model_a), (b, model_b) = _started_pair(two_nodes, "t_p_diloco", averaging_timeout=12.0)
     reports = _in_parallel(lambda: a.round(samples=16), lambda: b.round(samples=16))
     assert [r.group_size for r in reports] == [2, 2] and reports[0].failed is None, reports
     b.shutdown()  # says it left
@@ -161,11 +162,13 @@ def test_a_replica_whose_partners_left_steps_alone_without_waiting(two_nodes):
     outer = [o.detach().clone() for o in a.state.outer]
     report = a.round(samples=16)
     assert report.group_size == 1 and report.round == 2, report
-    assert report.failed is not None and "gone" in report.failed, report
+    assert report.failed is not None and GONE in report.failed, report
     # its own outer step: plain SGD with outer_lr (the default outer optimizer is Nesterov; only check direction)
     moved = [n.detach() - o for n, o in zip(a.state.outer, outer)]
     assert all(torch.isfinite(m).all() for m in moved) and any(m.abs().sum() > 0 for m in moved)
     assert sum(float((m * e).sum()) for m, e in zip(moved, expected)) < 0, "the outer step goes along -pseudo-grad"
+    later = a.round(samples=16)
+    assert later.round == 3 and later.failed.startswith(f"{GONE} (their heartbeats stopped)"), later
 
 
 def test_int8_pseudo_gradients_quarter_the_bytes_and_agree_with_fp32(two_nodes):

@@ -191,36 +191,43 @@ def test_a_part_already_at_the_target_round_skips_it_and_keeps_its_inner_progres
     assert not sync.round(8.0, target=2).skipped and sync.state.round == 2
 
 
-def test_a_trainer_targets_its_lowest_part_and_realigns_a_part_that_got_ahead():
-    """``TrainerRounds`` with stand-in experts (pure logic): stages at rounds 2 and 3 (a replacement that adopted a
-    newer state) -> the round targets 3, the stage at 3 skips, and the next round targets 4 for both."""
+def test_a_part_that_went_past_its_target_skips_its_next_round_once():
+    """``TrainerRounds`` with stand-in experts (pure logic). Each part's round targets its last round + 1; a part
+    whose round took it further (a replacement that caught up with a group a round ahead) gets its own round as the
+    next target, so it skips once and is in step with the trainer's other parts again. What an expert reports as
+    its round counts only if it is an int in [0, 2^31)."""
     from dataclasses import asdict
 
     from lightning_distqat.diloco.rounds import TrainerRounds
     from lightning_distqat.diloco.sync import RoundReport
 
     class Stage:
-        def __init__(self, name, at):
-            self.stage, self.at, self.targets = name, at, []
+        def __init__(self, name, at, jumps=(), says=None):
+            self.stage, self.at, self.jumps, self.says, self.targets = name, at, list(jumps), says, []
 
         def diloco(self, op, timeout=None, **fields):
             if op == "start":
                 return {"round": self.at}
             self.targets.append(fields["target"])
-            skipped = self.at >= fields["target"]
+            skipped = fields["target"] is not None and self.at >= fields["target"]
             if not skipped:
-                self.at += 1
-            return {**asdict(RoundReport(self.at, 0 if skipped else 2, 10, 10, skipped=skipped)), "checksum": 0.0}
+                self.at += 1 + (self.jumps.pop(0) if self.jumps else 0)
+            report = asdict(RoundReport(self.at, 0 if skipped else 2, 10, 10, skipped=skipped))
+            return {**report, "round": self.says if self.says is not None else self.at, "checksum": 0.0}
 
-    stages = {"stem": Stage("stem", 2), "body": Stage("body", 3)}
+    stages = {"stem": Stage("stem", 2), "body": Stage("body", 2, jumps=[1, 0, 0]), "head": Stage("head", 2, says="x")}
     rounds = TrainerRounds(DiLoCoConfig(inner_steps=1), handles=stages, local_params=[], dht=None, experiment="t",
                            solo=False, request_timeout=5.0)
     try:
-        assert rounds.start() == 3
+        assert rounds.start() == 2
         first = rounds.inner_step_done()
-        assert [s.targets for s in stages.values()] == [[3], [3]]
-        assert first["round"] == 3 and first["group_size"] == 2 and first["group_sizes"] == {"stem": 2, "body": 0}
+        assert first["round"] == 3 and first["group_sizes"] == {"stem": 2, "body": 2, "head": 2}
+        assert stages["body"].at == 4  # went past its target (3)
+        second = rounds.inner_step_done()
+        assert stages["stem"].targets == [3, 4] and stages["body"].targets == [3, 4]
+        assert second["group_sizes"]["body"] == 0 and second["group_size"] == 2 and stages["body"].at == 4
         rounds.inner_step_done()
-        assert [s.targets for s in stages.values()] == [[3, 4], [3, 4]] and stages["body"].at == 4
+        assert stages["stem"].targets[-1] == stages["body"].targets[-1] == 5 and stages["stem"].at == stages["body"].at
+        assert stages["head"].targets == [3, None, None], "a round that is not an int gives no target"
     finally:
         rounds.finish(keep_outer=False)

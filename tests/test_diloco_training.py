@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 
 from lightning_distqat.swarm.dht import start_dht
 from tests.diloco_trainer import H
-from tests.helpers import children_of, kill_pids, torch_segments_of, wait_gone
+from tests.helpers import children_of, kill_pids, torch_segments_of, wait_for_line, wait_gone
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +33,10 @@ def _trainer(out: Path, rank: int, steps: int, peer: str, *extra: str, env: dict
 
 
 def _wait_for_line(process: subprocess.Popen, prefix: str, seconds: float) -> list[str]:
-    selector, seen = selectors.DefaultSelector(), []
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if selector.select(timeout=1.0):
-            line = process.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if line.startswith(prefix):
-                return seen
-    raise AssertionError(f"no line {prefix!r} within {seconds}s:\n" + "".join(seen[-60:]))
+    found, seen = wait_for_line(process, lambda line: line.startswith(prefix), seconds)
+    if not found:
+        raise AssertionError(f"no line {prefix!r} within {seconds}s:\n" + "".join(seen[-60:]))
+    return seen
 
 
 def _finish(process: subprocess.Popen, seconds: float) -> str:

@@ -155,6 +155,7 @@ def test_the_chaos_drill_reports_each_failure_and_training_goes_on():
     assert [(r[0], r[1], r[2]) for r in rows] == [("5", "blocks.0", "kill"), ("10", "blocks.1", "term"),
                                                   ("15", "blocks.2", "kill")], out
     assert all(int(r[3]) == 0 if r[2] == "term" else int(r[3]) <= 1 for r in rows), out
-    # a dead expert's call in flight fails at once (its stream ends), not after request_timeout (30 s here)
-    assert all(float(r[5].rstrip("s")) < 10 for r in rows), out
+    # a dead expert's call in flight fails at once (its stream ends), not after request_timeout (10 s here): the
+    # recovery (r[4]) takes well under a second on an idle machine, the next step (r[5]) follows it
+    assert all(float(r[4].rstrip("s")) < 5 and float(r[5].rstrip("s")) < 10 for r in rows), out
     assert "steps trained: 18" in out and out.count("samples/s") == 2, out

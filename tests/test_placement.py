@@ -87,7 +87,7 @@ def test_auto_assigned_experts_spread_and_one_moves_to_fill_a_gap(tmp_path):
             _wait_for(client, lambda c, n=i + 1: sum(map(len, c.values())) == n, 90, f"expert {i} did not announce",
                       experts)
         counts = _wait_for(client, lambda c: sorted(map(len, c.values())) == [1, 2], 30, "no 2-1 split", experts)
-        _stays(client, counts, 15, experts)  # a stable swarm: 15 checks per expert, nobody moves
+        _stays(client, counts, 10, experts)  # a stable swarm: 10 checks per expert (3 x the patience), nobody moves
         lone_stage = next(s for s, peers in counts.items() if len(peers) == 1)
         full_stage = next(s for s in STAGES if s != lone_stage)
         pid_of = {}
@@ -101,7 +101,7 @@ def test_auto_assigned_experts_spread_and_one_moves_to_fill_a_gap(tmp_path):
         after = _wait_for(client, lambda c: all(len(c[s]) == 1 for s in STAGES), 60, "nobody filled the gap",
                           experts)
         assert after[lone_stage][0] in counts[full_stage]
-        _stays(client, after, 15, experts)  # and nobody flaps back: 30 s of stable swarm in all
+        _stays(client, after, 10, experts)  # and nobody flaps back: 20 s of stable swarm in all
         moved = [log for process, log in experts if "moved from stage" in _text(log)]
         assert len(moved) == 1, [_text(log)[-2000:] for _, log in experts]
     finally:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import children_of, torch_segments_of, wait_gone
+from tests.helpers import children_of, torch_segments_of, wait_for_line, wait_gone
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,18 +43,8 @@ def _start_training(tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
         [sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline, seen = time.monotonic() + 120, []
-    while time.monotonic() < deadline:
-        if selector.select(timeout=1.0):
-            line = process.stdout.readline()
-            seen.append(line)
-            if line.strip() == "TRAINING":
-                break
-            if not line and process.poll() is not None:
-                break
-    else:
+    found, seen = wait_for_line(process, lambda line: line.strip() == "TRAINING", 120)
+    if not found and process.poll() is None:
         process.kill()
         pytest.fail("the trainer did not start training in 120s:\n" + "".join(seen[-40:]))
     assert process.poll() is None, "".join(seen[-40:])

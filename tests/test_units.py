@@ -444,44 +444,73 @@ def test_an_answer_slot_of_a_cancelled_call_is_freed_once_the_worker_is_done_wit
 
 def test_a_replica_is_alive_if_any_signed_record_says_so():
     """Heartbeats of DiLoCo replicas (``diloco/presence.py``): the peer id follows the owner marker in the subkey;
-    a "left" record cannot hide a live heartbeat; records without a marker or with a bad value are ignored."""
+    a "left" record cannot hide a live heartbeat; records without a marker, with more than a marker and a base58
+    peer id, or with a bad value are ignored."""
     from types import SimpleNamespace as NS
 
     from lightning_distqat.diloco.presence import live_peers
 
-    def found(**records):
-        return NS(value={subkey: NS(value=value) for subkey, value in records.values()})
+    def found(*records):
+        return NS(value={subkey: NS(value=value) for subkey, value in records})
 
     assert live_peers(None) is None and live_peers(NS(value="junk")) is None
-    alive = found(a=(b"[owner:KEY1]peerA", {"alive": True}), b=(b"[owner:KEY2]peerB", {"alive": False}),
-                  c=(b"[owner:KEY3]peerB", {"alive": True}), d=(b"peerC", {"alive": True}),
-                  e=(b"[owner:KEY4]peerD", {"alive": 1}), f=(b"[owner:KEY5]peerE", "yes"),
-                  g=("[owner:KEY6]peerF", {"alive": True}), h=(b"[owner:KEY7]", {"alive": True}))
+    alive = found((b"[owner:KEY1]peerA", {"alive": True}), (b"[owner:KEY2]peerB", {"alive": False}),
+                  (b"[owner:KEY3]peerB", {"alive": True}), (b"peerC", {"alive": True}),
+                  (b"[owner:KEY4]peerD", {"alive": 1}), (b"[owner:KEY5]peerE", "yes"),
+                  ("[owner:KEY6]peerF", {"alive": True}), (b"[owner:KEY7]", {"alive": True}),
+                  (b"[owner:KEY8][owner:KEY9]peerG", {"alive": True}), (b"[owner:KEY8]peer0", {"alive": True}),
+                  (b"[owner:KEY8]" + b"z" * 129, {"alive": True}))
     assert live_peers(alive) == {"peerA", "peerB"}
-    assert live_peers(found(b=(b"[owner:KEY2]peerB", {"alive": False}))) == set()
+    assert live_peers(found((b"[owner:KEY2]peerB", {"alive": False}))) == set()
 
 
-def test_a_replica_is_deserted_only_when_partners_it_saw_are_gone():
+def test_a_replica_is_deserted_only_when_partners_it_saw_are_gone_for_the_grace_time():
     from types import SimpleNamespace as NS
 
+    from lightning_distqat.diloco import presence as module
     from lightning_distqat.diloco.presence import Presence
 
-    class DHT:  # what the DHT returns for the presence key
+    class Done:  # what DHT.get(..., return_future=True) returns
+        def __init__(self, value):
+            self.value = value
+
+        def result(self, timeout=None):
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+    class DHT:
         def __init__(self):
             self.records = {}
 
-        def get(self, key, latest):
-            return NS(value={b"[owner:K]" + p.encode(): NS(value={"alive": a}) for p, a in self.records.items()})
+        def get(self, key, latest, return_future):
+            return Done(NS(value={b"[owner:K]" + p.encode(): NS(value={"alive": a}) for p, a in self.records.items()}))
 
+    clock = [100.0]
     dht = DHT()
-    presence = Presence(dht, "t_x_diloco", "me", period=1.0)
-    dht.records = {"me": True}
-    assert not presence.deserted(), "nobody seen yet: a partner may be starting"
-    dht.records = {"me": True, "other": True}
-    assert presence.others() == {"other"} and not presence.deserted()
-    dht.records = {"me": True, "other": False}
-    assert presence.deserted()
-    dht.records = {"other": False}
-    assert not presence.deserted(), "its own heartbeat missing: the lookup was incomplete, nothing is concluded"
-    dht.get = lambda key, latest: (_ for _ in ()).throw(TimeoutError("no DHT"))
-    assert presence.others() is None and not presence.deserted()
+    presence = Presence(dht, "t_x_diloco", "me", period=1.0, grace=10.0)
+    original = module.time.monotonic
+    module.time.monotonic = lambda: clock[0]
+    try:
+        dht.records = {"me": True}
+        presence.refresh()
+        clock[0] += 60
+        assert not presence.deserted(), "nobody seen yet: a partner may be starting"
+        dht.records = {"me": True, "other": True}
+        assert presence.refresh() == {"other"} and not presence.deserted()
+        dht.records = {"me": True, "other": False}
+        assert presence.refresh() == set() and not presence.deserted(), "gone, but not for the grace time yet"
+        clock[0] += 9
+        presence.refresh()
+        assert not presence.deserted()
+        clock[0] += 2
+        dht.records = {"other": False}
+        assert presence.refresh() is None, "its own heartbeat missing: the lookup was incomplete"
+        assert presence.deserted(), "an incomplete lookup changes nothing that was seen before"
+        dht.records = {"me": True, "spare": True}
+        presence.refresh()
+        assert not presence.deserted(), "a replacement came"
+        dht.get = lambda key, latest, return_future: Done(TimeoutError("no DHT"))
+        assert presence.refresh() is None and not presence.deserted()
+    finally:
+        module.time.monotonic = original

@@ -60,8 +60,10 @@ class TrainerRounds:
         self.inner_steps = 0
         self.samples_since_round = 0.0
         self._at: dict[str, int] = {}
-        """Each part's outer round (by stage, and this trainer's own group) as last reported: a round's target is
-        the lowest + 1, so a part that got ahead (a replacement that caught up with its group) waits for the others."""
+        """Each part's outer round (by stage, and this trainer's own group) as last reported."""
+        self._ahead: set[str] = set()
+        """Parts whose last round took them past its target (a replacement that caught up with a group that was a
+        round ahead of this trainer): their next round's target is where they are, so they skip it once."""
         self.reports: list[dict[str, Any]] = []
         self.batch_size: Optional[int] = config.batch_size_per_step
         """Samples per inner step this replica takes from each batch (None: the whole batch): the fixed
@@ -87,12 +89,34 @@ class TrainerRounds:
                 self._sync.state.load_state_dict(restore["local"], reset_local=False)
             self.inner_steps = int(restore.get("inner_steps", 0))
             self.samples_since_round = float(restore.get("samples_since_round", 0.0))
-        self._at = {stage: int(self._call(stage, self.join)["round"]) for stage in self.handles}
+        self._at, self._ahead = {}, set()
+        for stage in self.handles:
+            self._note(stage, self._call(stage, self.join).get("round"))
         if self._sync is not None:
             newer_only = bool(restore) and restore.get("local") is not None
-            self._at[self._group] = self._sync.start(newer_only=newer_only).state.round
+            self._note(self._group, self._sync.start(newer_only=newer_only).state.round)
         self._inner_started = self._step_mark = time.monotonic()
         return max(self._at.values(), default=0)
+
+    def _target(self, part: str) -> Optional[int]:
+        """The round ``part`` should be at after this round: one past its last, or (once) where it already is."""
+        at = self._at.get(part)
+        return None if at is None else at if part in self._ahead else at + 1
+
+    def _note(self, part: str, reported: Any, target: Optional[int] = None, skipped: bool = False) -> None:
+        """Keep a part's reported round (an expert's word: only an int in [0, 2^31) counts); a round that went past
+        ``target`` marks the part ahead."""
+        if type(reported) is not int or not 0 <= reported < 2**31:
+            log.warning("DistqatStrategy: DiLoCo part '%s' reported the round %r; its next round has no target",
+                        part, reported)
+            self._at.pop(part, None)
+            self._ahead.discard(part)
+            return
+        self._at[part] = reported
+        if target is not None and not skipped and reported > target:
+            self._ahead.add(part)
+        else:
+            self._ahead.discard(part)
 
     def state_dict(self, *, failover: bool = True) -> dict[str, Any]:
         """The outer state of every part of this replica (each stage's, pulled from its expert, and the trainer's
@@ -113,8 +137,9 @@ class TrainerRounds:
     def join_replacement(self, stage: str, handle: ExpertHandle) -> str:
         """The pipeline's ``on_replaced`` hook: a replacement of ``stage`` joins mid-round. Says which outer round
         it is at (a live replica's, if one had a newer state than the snapshot)."""
-        self._at[stage] = int(self.join(handle, listen_first=True)["round"])
-        return f"DiLoCo outer state of round {self._at[stage]}"
+        joined = self.join(handle, listen_first=True).get("round")
+        self._note(stage, joined)
+        return f"DiLoCo outer state of round {joined}"
 
     def inner_step_done(self) -> Optional[dict[str, Any]]:
         """Count one inner step (a training batch whose optimizers stepped); run a round when ``inner_steps`` have
@@ -140,20 +165,20 @@ class TrainerRounds:
         steps, self._step_seconds = self._step_seconds, []
         typical = statistics.median(steps) * len(steps) if steps else inner_seconds
         pace = self._pace(samples, typical)
-        target = min(self._at.values()) + 1 if self._at else None
-        fields = {"samples": samples, "target": target, **({"pace": pace} if pace else {})}
+        fields = {"samples": samples, **({"pace": pace} if pace else {})}
+        targets = {part: self._target(part) for part in [*self.handles, self._group]}
         pending = []
         if self.handles:  # all stages at once, so the pipeline syncs at one inner step
             assert self._pool is not None
-            pending = [self._pool.submit(self._call, stage, lambda h: h.diloco("round", self._timeout, **fields))
-                       for stage in self.handles]
+            pending = [self._pool.submit(self._call, stage, lambda h, stage=stage: h.diloco(
+                "round", self._timeout, target=targets[stage], **fields)) for stage in self.handles]
         per_group: dict[str, dict[str, Any]] = {}
         if self._sync is not None:  # this trainer's own parameters, while the experts run their rounds
-            per_group[self._group] = {**asdict(self._sync.round(samples, pace=pace, target=target)),
+            per_group[self._group] = {**asdict(self._sync.round(samples, pace=pace, target=targets[self._group])),
                                       "checksum": self._sync.state.checksum()}
         per_group.update({stage: f.result() for stage, f in zip(self.handles, pending)})
         for group, r in per_group.items():
-            self._at[group] = int(r["round"])
+            self._note(group, r.get("round"), targets.get(group), bool(r.get("skipped")))
             if r.get("failed"):
                 log.warning("DiLoCo round %d of group '%s' went on without averaging (%s)", r["round"], group,
                             r["failed"])
@@ -161,7 +186,7 @@ class TrainerRounds:
                 log.warning("DiLoCo round %d of group '%s' left out %s", r["round"], group, r["excluded"])
         report = {
             "inner_step": self.inner_steps,
-            "round": min(r["round"] for r in per_group.values()),
+            "round": min((r["round"] for r in per_group.values() if type(r.get("round")) is int), default=0),
             "group_size": min((r["group_size"] for r in per_group.values() if not r.get("skipped")), default=0),
             "group_sizes": {group: r["group_size"] for group, r in per_group.items()},
             "bytes_sent": sum(r["bytes_sent"] for r in per_group.values()),

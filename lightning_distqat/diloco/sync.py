@@ -19,6 +19,7 @@ import torch
 
 from lightning_distqat import _hivemind  # noqa: F401  (imports hivemind quietly, before the lines below do)
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
@@ -34,7 +35,10 @@ from lightning_distqat.diloco.outer import OuterState
 from lightning_distqat.diloco.presence import Presence
 from lightning_distqat.swarm.messages import state_to_tensor, tensor_to_state
 
-__all__ = ["DiLoCoSync", "RoundReport", "catch_up_round"]
+__all__ = ["DiLoCoSync", "RoundReport", "catch_up_round", "GONE"]
+
+GONE = "every other replica of the group is gone"
+"""How a round that went on alone because its partners' heartbeats stopped says so (``RoundReport.failed``)."""
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +290,11 @@ class DiLoCoSync:
         try:
             self._averager.start_here(timeout=self.config.averaging_timeout)
             self._presence = Presence(self._dht, self._prefix, self._averager.peer_id.to_base58(),
-                                      period=max(1.0, self.config.matchmaking_time)).start()
+                                      period=max(1.0, self.config.matchmaking_time),
+                                      grace=self.config.averaging_timeout / 2).start()
         except BaseException:
             self.shutdown()
             raise
-        self._presence.others()  # the replicas alive now count as seen
         self._load_from_peers(newer_only=newer_only)
         return self
 
@@ -381,18 +385,18 @@ class DiLoCoSync:
         trainer's parts are at the same round again after it.
         """
         assert self._started, "DiLoCoSync.start() was not called"
-        listening, self.listen_next_round = self.listen_next_round, False
-        if target is not None and self.state.round >= target:
+        if target is not None and self.state.round >= target:  # a listener still listens in its next round
             log.info("DiLoCo %s: this replica's outer state is already at round %d (the trainer completes round %d): "
                      "it skips this round", self._prefix, self.state.round, target)
             report = RoundReport(self.state.round, 0, 0, 0, skipped=True)
             self.reports.append(report)
             return report
+        listening, self.listen_next_round = self.listen_next_round, False
         pseudo = self.state.pseudo_gradients()
         group, error = None, None
         deserted = self._presence is not None and self._presence.deserted()
         if deserted:
-            error = "every other replica of the group is gone (their heartbeats stopped)"
+            error = f"{GONE} (their heartbeats stopped)"
         elif self._averager is not None:  # a solo replica has nobody to average with
             with self._averager.get_tensors() as tensors:
                 for t, g in zip(tensors, pseudo):
@@ -404,9 +408,9 @@ class DiLoCoSync:
                     gather={"round": self.state.round, "digest": self.state.digest(),
                             **({"pace": pace} if pace else {})},
                 )
-                group, deserted = self._await_group(control)
+                group, deserted = self._wait_for_group(control)
                 if deserted:
-                    error = "every other replica of the group left while this one waited for a group"
+                    error = f"{GONE} (they left while this one looked for a group)"
             except Exception as e:  # noqa: BLE001 - a failed round leaves this replica out; it must not stop training
                 error = "".join(traceback.format_exception_only(e)).strip()
                 log.warning("DiLoCo %s: the all-reduce of round %d failed; this replica takes a newer peer state if "
@@ -414,18 +418,18 @@ class DiLoCoSync:
                             exc_info=True)
         nbytes = compressed_bytes(pseudo, self._compression)
         outcome = self._averager.last_outcome() if self._averager is not None else None
-        target = None
+        catch_up = None
         if group and outcome is not None:
             me = self._averager.peer_id.to_base58()
             gathered = {str(peer): data for peer, data in group.items()} if isinstance(group, dict) else {}
-            target = catch_up_round(me, gathered, outcome["used"], listening=listening)
-        if target is not None and self._catch_up(target):
+            catch_up = catch_up_round(me, gathered, outcome["used"], listening=listening)
+        if catch_up is not None and self._catch_up(catch_up):
             report = RoundReport(self.state.round, len(outcome["used"]) + len(outcome["listening"]), outcome["sent"],
                                  outcome["received"], excluded=outcome["excluded"])
         elif group and outcome is not None:
-            if target is not None:
+            if catch_up is not None:
                 log.warning("DiLoCo %s: no replica of the group sent its outer state of round %d in time; this one "
-                            "applies the group's aggregate to its own (older) outer state", self._prefix, target)
+                            "applies the group's aggregate to its own (older) outer state", self._prefix, catch_up)
             with self._averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             self.state.apply(averaged)
@@ -447,18 +451,22 @@ class DiLoCoSync:
         self.reports.append(report)
         return report
 
-    def _await_group(self, control: Any) -> tuple[Any, bool]:
+    def _wait_for_group(self, control: Any) -> tuple[Any, bool]:
         """The result of a round's averaging step (``control``: hivemind's ``StepControl``), checking every
-        heartbeat period whether the other replicas are still alive: ``(group, False)``, or ``(None, True)`` after
-        cancelling the step when they are all gone. Raises what the step raised."""
+        heartbeat period whether this replica is deserted: ``(group, False)``, or ``(None, True)`` once it is and the
+        step, still looking for a group, could be cancelled (a step that began its all-reduce is waited for: the
+        others may already use this replica's contribution). Raises what the step raised."""
         presence = self._presence
         while True:
+            if control.done():
+                return control.result(), False
             try:
                 return control.result(timeout=presence.period if presence is not None else None), False
             except FutureTimeout:
-                pass
-            if presence is not None and presence.deserted() and not control.done():
-                control.cancel()
+                if control.done():  # the step itself failed with a timeout
+                    raise
+            if (presence is not None and presence.deserted() and not control.began_allreduce
+                    and control.stage == AveragingStage.LOOKING_FOR_GROUP and control.cancel()):
                 log.warning("DiLoCo %s: every other replica of the group is gone; round %d goes on alone",
                             self._prefix, self.state.round + 1)
                 return None, True

@@ -567,8 +567,8 @@ class ExpertServicer(ServicerBase):
     async def rpc_diloco(self, request: Request, context: P2PContext) -> Response:
         """DiLoCo control: ``{"op": "start", "config": {...}, "solo": bool}`` joins the stage's averaging group (and
         loads the current outer state from a peer); a later ``start`` must bring the same config. ``{"op": "round",
-        "samples": n, "target": r}`` runs one outer round
-        (skipped when the stage's outer state is already at round ``r``, see ``DiLoCoSync.round``); ``{"op": "finish"}`` resets the local params to the outer params."""
+        "samples": n, "target": r}`` runs one outer round (skipped when the stage's outer state is already at round
+        ``r``, see ``DiLoCoSync.round``); ``{"op": "finish"}`` resets the local params to the outer params."""
 
         def fn(header: dict, caller: str) -> Any:
             op = header.get("op")

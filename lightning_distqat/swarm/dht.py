@@ -17,7 +17,7 @@ from typing import Any, Coroutine, Optional, Sequence, TypeVar
 import hivemind
 from hivemind.p2p import P2PDaemonError
 
-from lightning_distqat._process import die_with_parent, exit_with_parent, terminate_children
+from lightning_distqat._process import die_with_parent, exit_with_parent, remove_wire_slots, terminate_children
 from lightning_distqat.swarm.auth import AccessToken
 from lightning_distqat.swarm.records import record_validators
 
@@ -35,6 +35,8 @@ class _OwnedDHT(hivemind.DHT):
 
         def _on_term(signum: int, frame: Any) -> None:
             terminate_children(signal.SIGTERM)  # p2pd
+            if os.getppid() != self._parent_pid:  # the owner died (its death sent this): what the watchdog does
+                remove_wire_slots(self._parent_pid)  # the shared-memory slots a killed owner could not unlink
             os._exit(0)
 
         signal.signal(signal.SIGTERM, _on_term)
