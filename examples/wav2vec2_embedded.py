@@ -33,8 +33,7 @@ def main() -> None:
                                              max_audio_seconds=2.0, batch_size=args.batch_size, drop_last=True,
                                              seed=0))
     model = Wav2Vec2CTC(hidden_size=64, num_heads=4, intermediate_size=128, stage_layers=[2, 2], lr=1e-3)
-    # two replicas (devices=2): a round starts as soon as both are there instead of after matchmaking_time
-    diloco = DiLoCoConfig(inner_steps=10, averaging_timeout=60.0, target_group_size=2) if args.diloco else None
+    diloco = DiLoCoConfig(inner_steps=10, averaging_timeout=60.0) if args.diloco else None
     summary = TrainingSummary()
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=2 if args.diloco else 1, logger=False,

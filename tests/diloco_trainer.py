@@ -45,7 +45,6 @@ def main() -> None:
         swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90,
                           mirror_every=int(options.get("mirror-every", 10))),
         diloco=DiLoCoConfig(inner_steps=int(options.get("h", H)), matchmaking_time=2.0, averaging_timeout=20.0,
-                            target_group_size=2,  # two replicas: a round starts once both are there
                             adaptive_batch_size="--adaptive" in sys.argv),
     )
     summary = TrainingSummary()

@@ -32,7 +32,7 @@ if __name__ == "__main__":
     strategy = DistqatStrategy(
         stages=["stem", "body", "head"] if mode in ("pipeline", "broken") else None,
         experiment=f"multi-{mode}",
-        diloco=DiLoCoConfig(inner_steps=3, matchmaking_time=2.0, averaging_timeout=30.0, target_group_size=2),
+        diloco=DiLoCoConfig(inner_steps=3, matchmaking_time=2.0, averaging_timeout=30.0),
     )
     trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=9, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -41,8 +41,7 @@ class DiLoCoConfig:
     """Seconds a replica waits for others to join its averaging group before the round starts."""
 
     target_group_size: Optional[int] = None
-    """Largest averaging group (``None``: everyone who shows up within ``matchmaking_time``). A group that reaches
-    it starts its round at once: set it to the number of replicas when you know it."""
+    """Largest averaging group (``None``: everyone who shows up)."""
 
     pseudo_gradient_codec: str = "none"
     """Codec of pseudo-gradients in the all-reduce: ``none``, ``fp16``, ``int8`` or ``int4`` (set from
