@@ -376,13 +376,13 @@ class DiLoCoSync:
         replica's seconds per sample and whole batch) is announced to the group; the report carries the members'.
 
         A replica left out of every group loads the outer state of a peer that took part if there is one (so it
-        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. A replica whose partners'
-        heartbeats all stopped (``presence.py``) does that at once instead of waiting ``averaging_timeout``. With
-        ``listen_next_round`` it only takes the aggregate of the others this time.
+        rejoins in step), else (alone in the swarm) it applies its own pseudo-gradient. A deserted replica (its
+        partners' heartbeats stopped for the grace time, ``presence.py``) does that at once instead of waiting
+        ``averaging_timeout``. With ``listen_next_round`` it only takes the aggregate of the others this time.
 
-        ``target``: the round the trainer's parts are completing; a replica whose outer state is already there (a
-        replacement that caught up with a group ahead of the trainer's other parts) skips this round, so that the
-        trainer's parts are at the same round again after it.
+        ``target``: the round this replica should reach (``TrainerRounds._target``); one whose outer state is already
+        there (a replacement that caught up with a group a round ahead of its trainer's other parts) skips this
+        round, so that the trainer's parts are in step again after it.
         """
         assert self._started, "DiLoCoSync.start() was not called"
         if target is not None and self.state.round >= target:  # a listener still listens in its next round
