@@ -2,11 +2,13 @@
 [--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N]` (adaptive batch sizing; the model's width, the
 loader's batch size, steps between snapshots, inner steps per round).
 
-Prints "ROUND <n> <group size>" after every outer round and saves its reports and final parameters to OUT.
+Prints "PIPELINE <json of stage -> expert peer id>" when training starts, "ROUND <n> <group size>" after every outer
+round, and saves its reports and final parameters to OUT.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import lightning.pytorch as pl
@@ -24,6 +26,10 @@ class _Announce(Callback):
     def __init__(self) -> None:
         self.seen = 0
         self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+        experts = trainer.strategy.current_experts()
+        print("PIPELINE " + json.dumps({stage: e["peer_id"] for stage, e in experts.items()}), flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
         self.losses.append(float(outputs["loss"]))

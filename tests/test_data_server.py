@@ -60,6 +60,8 @@ def data_server(tmp_path):
     finally:
         if process.poll() is None:
             _stop(process)
+        if os.path.exists(address):  # a killed server cannot unlink its socket (the next one at this address would)
+            os.unlink(address)
 
 
 def _trainer(address: str, tid: int, out: Path, *extra: str) -> subprocess.Popen:

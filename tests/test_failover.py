@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_distqat import DistqatStrategy, SwarmConfig
 from lightning_distqat.swarm.client import PipelineUnavailableError
-from tests.helpers import ThreeStageNet, fit_params, max_rel_diff, quiet_trainer, toy_loader
+from tests.helpers import ThreeStageNet, fit_params, max_rel_diff, quiet_trainer, toy_loader, wait_gone
 
 pytestmark = [pytest.mark.swarm]
 
@@ -37,11 +37,7 @@ class KillCurrentExpert(Callback):
         os.kill(self.killed["pid"], self.sig)
         if self.sig != signal.SIGKILL:
             return  # a graceful leave: the expert stays until the trainer took its state
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # gone for good before the batch goes on
-            if os.waitpid(self.killed["pid"], os.WNOHANG)[0]:
-                break
-            time.sleep(0.05)
+        wait_gone({self.killed["pid"]}, 10)  # gone for good before the batch goes on
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
         if self.when == "batch_start":

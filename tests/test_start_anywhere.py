@@ -1,10 +1,12 @@
 """The embedded swarm starts wherever Lightning code runs: a Jupyter notebook, a script piped on stdin, a script
 without a main guard. Each defines its own stage class, which reaches the experts by value. An expert that cannot
-start fails the trainer within startup_timeout with the expert's own traceback."""
+start fails the trainer within startup_timeout with the expert's own traceback. The experts are forks of one fork
+server by default, interpreters of their own without it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,9 @@ import pytest
 from torch import nn
 
 from lightning_distqat import DistqatStrategy, ExpertStartupError, SwarmConfig
-from tests.helpers import ThreeStageNet, quiet_trainer, toy_loader
+from lightning_distqat.config import ExpertConfig
+from lightning_distqat.swarm.embedded import EmbeddedSwarm
+from tests.helpers import ThreeStageNet, quiet_trainer, toy_loader, wait_gone
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +159,42 @@ def test_an_expert_that_hangs_at_start_fails_the_trainer_within_startup_timeout(
         trainer.fit(model, toy_loader())
     assert time.monotonic() - started < timeout + 30
     assert isinstance(model.body, _Sleeper), "the user's module keeps its own submodules"
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "own-interpreters"])
+def test_embedded_experts_serve_report_a_kill_and_stop_with_or_without_the_fork_server(fork_server):
+    """By default the experts are forks of one fork server that imported torch and hivemind once; without it each is
+    an interpreter of its own. Either way they serve, a SIGKILLed one's exit code is seen and nothing is left."""
+    swarm = EmbeddedSwarm({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)},
+                          expert_config=ExpertConfig(experiment=f"forks-{fork_server}"), fork_server=fork_server)
+    pids: list[int] = []
+    try:
+        infos = swarm.start([])
+        assert sorted(i["stage"] for i in infos) == ["a", "b"] and all(i["peer_id"] for i in infos), infos
+        pids = swarm.pids
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        server = swarm._server.process.pid if fork_server else os.getpid()
+        assert {_parent_of(pid) for pid in pids} == {server}
+        os.kill(pids[0], signal.SIGKILL)
+        assert swarm._experts[0].process.wait(10) == -signal.SIGKILL
+        assert swarm._experts[1].process.poll() is None
+    finally:
+        swarm.shutdown()
+    assert wait_gone(set(pids), 10) == set()
+
+
+def test_a_fork_server_that_cannot_import_fails_every_expert_with_its_traceback(tmp_path, monkeypatch):
+    (tmp_path / "hivemind.py").write_text("raise ImportError('hivemind is broken here on purpose')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))  # read by the fork server
+    swarm = EmbeddedSwarm({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}, expert_config=ExpertConfig(experiment="x"),
+                          fork_server=True)
+    started = time.monotonic()
+    with pytest.raises(ExpertStartupError, match="hivemind is broken here on purpose") as info:
+        swarm.start([])
+    assert "expert fork server" in str(info.value) and "Traceback" in str(info.value), str(info.value)
+    assert time.monotonic() - started < 60

@@ -60,8 +60,8 @@ class RoundReport:
     paces: list[dict[str, Any]] = field(default_factory=list)
     """The paces the group's members announced for adaptive batch sizing (``diloco/pace.py``), well-formed ones only."""
     skipped: bool = False
-    """This replica's outer state was already at the round its trainer's other parts were completing (a replacement
-    that caught up with its group ahead of them): it kept its inner progress and did not average (group size 0)."""
+    """This replica's outer state was already at the round this part should reach (a replacement that caught up with
+    its group ahead of its trainer's other parts): it kept its inner progress and did not average (group size 0)."""
 
 
 class _Averager(DecentralizedAverager):
@@ -386,7 +386,7 @@ class DiLoCoSync:
         """
         assert self._started, "DiLoCoSync.start() was not called"
         if target is not None and self.state.round >= target:  # a listener still listens in its next round
-            log.info("DiLoCo %s: this replica's outer state is already at round %d (the trainer completes round %d): "
+            log.info("DiLoCo %s: this replica's outer state is already at round %d (this part should reach round %d): "
                      "it skips this round", self._prefix, self.state.round, target)
             report = RoundReport(self.state.round, 0, 0, 0, skipped=True)
             self.reports.append(report)
@@ -458,8 +458,6 @@ class DiLoCoSync:
         others may already use this replica's contribution). Raises what the step raised."""
         presence = self._presence
         while True:
-            if control.done():
-                return control.result(), False
             try:
                 return control.result(timeout=presence.period if presence is not None else None), False
             except FutureTimeout:

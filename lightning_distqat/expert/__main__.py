@@ -2,6 +2,8 @@
 
     python -m lightning_distqat.expert --report-fd FD --parent PID
 
+The embedded swarm normally forks its experts from a fork server that did these imports once
+(``lightning_distqat/zygote.py``, which calls :func:`serve` in each fork); this entry point is the path without it.
 It never imports the user's script: the stage module arrives by value on stdin (cloudpickle), so scripts without a
 main guard, scripts piped on stdin and notebooks all work. The protocol, all of it local to one machine:
 
@@ -48,15 +50,23 @@ def _stop_on_eof(fd: int, stop: Any) -> None:
     threading.Thread(target=_watch, name="distqat-expert-stdin", daemon=True).start()
 
 
-def main(argv: list[str]) -> int:
-    """Serve one stage until stopped; returns the exit code (1 if the expert could not start)."""
-    timings = {"started": time.time()}
-    parser = argparse.ArgumentParser(prog="python -m lightning_distqat.expert", description=__doc__.splitlines()[0])
-    parser.add_argument("--report-fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
-    report = os.fdopen(args.report_fd, "w", buffering=1)
+def import_expert() -> None:
+    """What every expert imports before its stage arrives (torch, hivemind, the server), and torch's first optimizer
+    (``warm_up``). The fork server (``lightning_distqat/zygote.py``) runs it once and forks its experts after it."""
+    import cloudpickle  # noqa: F401
+    import torch  # noqa: F401  (first: the stage's tensors need it)
 
+    from lightning_distqat.expert.backend import warm_up
+    from lightning_distqat.expert.server import ExpertServer  # noqa: F401
+
+    multiprocessing.set_start_method("fork", force=True)  # hivemind's DHT and averager processes are built for fork
+    warm_up()  # while the trainer starts its DHT node: the first optimizer's imports
+
+
+def serve(report_fd: int, timings: dict[str, float]) -> int:
+    """Read the stage from stdin and serve it until stopped, reporting on ``report_fd``; returns the exit code (1 if
+    the expert could not start). Imports first unless ``timings`` says it already did (a fork of the fork server)."""
+    report = os.fdopen(report_fd, "w", buffering=1)
     sent: list[str] = []
 
     def send(kind: str, value: Any) -> None:
@@ -67,23 +77,18 @@ def main(argv: list[str]) -> int:
         except OSError:  # the trainer is gone; nobody to tell
             pass
 
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() != args.parent:
-        return 1
     os.dup2(2, 1)  # a print() in the user's stage reaches the trainer's console with the log lines
-    multiprocessing.set_start_method("fork", force=True)  # hivemind's DHT and averager processes are built for fork
     stage = "?"
     try:
+        if "imported" not in timings:
+            import_expert()
+            timings["imported"] = time.time()
         import cloudpickle
-        import torch  # noqa: F401  (first: the stage's tensors need it)
 
         from lightning_distqat._quiet import quiet_transformers
         from lightning_distqat.config import ExpertConfig
-        from lightning_distqat.expert.backend import warm_up
         from lightning_distqat.expert.server import ExpertServer
 
-        warm_up()  # while the trainer starts its DHT node: the first optimizer's imports
-        timings["imported"] = time.time()
         blob = read_frame(sys.stdin.buffer)
         timings["received"] = time.time()
         payload = cloudpickle.loads(blob)
@@ -108,6 +113,20 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         report.close()
+
+
+def main(argv: list[str]) -> int:
+    """Serve one stage until stopped; returns the exit code (1 if the expert could not start)."""
+    timings = {"started": time.time()}
+    parser = argparse.ArgumentParser(prog="python -m lightning_distqat.expert", description=__doc__.splitlines()[0])
+    parser.add_argument("--report-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != args.parent:
+        os.close(args.report_fd)
+        return 1
+    return serve(args.report_fd, timings)
 
 
 if __name__ == "__main__":

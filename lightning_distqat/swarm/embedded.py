@@ -27,6 +27,8 @@ from torch import nn
 
 from lightning_distqat._process import frame, kill_process_group
 from lightning_distqat.config import ExpertConfig
+from lightning_distqat.zygote import ForkServer
+from lightning_distqat.zygote import available as zygote_available
 from lightning_distqat.swarm.sharedwire import remove_segments_of
 
 __all__ = ["EmbeddedSwarm", "ExpertStartupError", "STARTUP_PHASES"]
@@ -47,7 +49,7 @@ class ExpertStartupError(RuntimeError):
 class _Expert:
     stage: str
     replica: int
-    process: subprocess.Popen
+    process: Any  # a subprocess.Popen, or a ForkedProcess with the same methods
     report: IO[str]
     launched: float
     log_tail: deque = field(default_factory=lambda: deque(maxlen=30))
@@ -77,6 +79,7 @@ class EmbeddedSwarm:
         replicas: int = 1,
         startup_timeout: float = 120.0,
         shutdown_timeout: float = 15.0,
+        fork_server: Optional[bool] = None,
     ) -> None:
         self.stages = stages
         self.expert_config = expert_config
@@ -84,6 +87,10 @@ class EmbeddedSwarm:
         self.startup_timeout = startup_timeout
         self.shutdown_timeout = shutdown_timeout
         self._experts: list[_Expert] = []
+        self.fork_server = zygote_available() if fork_server is None else fork_server
+        """Fork the experts from one interpreter that imported torch and hivemind once
+        (``lightning_distqat/zygote.py``); default: where the platform allows (Linux)."""
+        self._server: Optional[ForkServer] = None
 
     @property
     def pids(self) -> list[int]:
@@ -97,26 +104,17 @@ class EmbeddedSwarm:
 
     # ------------------------------------------------------------------ start
     def launch(self) -> None:
-        """Start one interpreter per stage and replica; they import what an expert needs and wait for their stage."""
+        """Start the experts; they import what an expert needs and wait for their stage. With the fork server (the
+        default on Linux) one interpreter imports and forks them all; else each is its own interpreter."""
         if self._experts:
             return
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
+            if self.fork_server:
+                self._server = ForkServer(env, spawn_timeout=self.startup_timeout)
             for stage in self.stages:
                 for replica in range(self.replicas):
-                    read_fd, write_fd = os.pipe()
-                    try:
-                        process = subprocess.Popen(
-                            [sys.executable, "-m", "lightning_distqat.expert", "--report-fd", str(write_fd),
-                             "--parent", str(os.getpid())],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            pass_fds=(write_fd,), start_new_session=True, env=env,
-                        )
-                    except BaseException:
-                        os.close(read_fd)
-                        raise
-                    finally:
-                        os.close(write_fd)
+                    process, read_fd = self._spawn(env)
                     expert = _Expert(stage, replica, process, os.fdopen(read_fd), time.time())
                     expert.forwarder = threading.Thread(target=_forward_log, args=(expert,), daemon=True,
                                                         name=f"distqat-expert-log-{stage}-{replica}")
@@ -125,6 +123,25 @@ class EmbeddedSwarm:
         except BaseException:
             self.shutdown()
             raise
+
+    def _spawn(self, env: dict[str, str]) -> tuple[Any, int]:
+        """One expert process (a fork of the fork server, or an interpreter of its own) and its report pipe."""
+        if self._server is not None:
+            return self._server.spawn()
+        read_fd, write_fd = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "lightning_distqat.expert", "--report-fd", str(write_fd),
+                 "--parent", str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(write_fd,), start_new_session=True, env=env,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return process, read_fd
 
     def start(self, initial_peers: list[str], trusted_peers: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Send every expert its stage and ``initial_peers``; wait until every one serves. Returns their
@@ -230,6 +247,9 @@ class EmbeddedSwarm:
         of its process group (its DHT process and p2pd). Closing its stdin alone would not do: processes forked by
         this one meanwhile (hivemind's DHT node) hold copies of the pipe."""
         experts, self._experts = self._experts, []
+        server, self._server = self._server, None
+        if server is not None and server.unspawned():  # still importing: nothing more may be forked
+            server.process.kill()
         for expert in experts:
             if expert.process.poll() is None:
                 expert.process.send_signal(signal.SIGTERM)
@@ -244,16 +264,22 @@ class EmbeddedSwarm:
             except subprocess.TimeoutExpired:
                 log.warning("expert for stage %s did not stop within %.0fs; killing it", expert.name,
                             self.shutdown_timeout)
-            kill_process_group(expert.process.pid)  # the expert, if still there, and its DHT process and p2pd
+            pid = expert.process.pid
+            kill_process_group(pid)  # the expert, if still there, and its DHT process and p2pd
             try:
                 expert.process.wait(5)
             except subprocess.TimeoutExpired:  # stuck in the kernel; go on with the others
-                log.error("expert for stage %s (pid %d) did not die after SIGKILL", expert.name, expert.process.pid)
-            remove_segments_of(expert.process.pid)  # its shared-memory slots, if its resource tracker died with it
+                log.error("expert for stage %s (pid %s) did not die after SIGKILL", expert.name, pid)
+            if pid is not None:
+                remove_segments_of(pid)  # its shared-memory slots, if its resource tracker died with it
+        if server is not None:
+            server.close()
         for expert in experts:
             if expert.forwarder is not None:
                 expert.forwarder.join(5)
             expert.report.close()
+            if hasattr(expert.process, "close"):
+                expert.process.close()
 
 
 def _forward_log(expert: _Expert) -> None:
