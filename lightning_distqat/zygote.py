@@ -83,10 +83,6 @@ class ForkedProcess:
         self._spawned.wait(self._server.spawn_timeout)
         return self._pid
 
-    @property
-    def spawned(self) -> bool:
-        return self._spawned.is_set()
-
     def poll(self) -> Optional[int]:
         return self.returncode
 
@@ -360,4 +356,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(code)  # nothing to clean up: skip the interpreter's teardown of torch and hivemind (about 0.9 s)

@@ -1,6 +1,7 @@
 """A trainer process for the DiLoCo tests: `python -m tests.diloco_trainer OUT RANK MAX_STEPS PEER [--stages]
-[--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N]` (adaptive batch sizing; the model's width, the
-loader's batch size, steps between snapshots, inner steps per round).
+[--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N] [--hold=PATH]` (adaptive batch sizing; the model's
+width, the loader's batch size, steps between snapshots, inner steps per round; after round 1, wait until PATH exists,
+so that a test can act between rounds 1 and 2 whatever the machine's speed).
 
 Prints "PIPELINE <json of stage -> expert peer id>" when training starts, "ROUND <n> <group size>" after every outer
 round, and saves its reports and final parameters to OUT.
@@ -9,7 +10,10 @@ round, and saves its reports and final parameters to OUT.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -23,9 +27,11 @@ H = 3
 
 
 class _Announce(Callback):
-    def __init__(self) -> None:
+    def __init__(self, hold: Optional[str] = None) -> None:
+        self.hold = hold
         self.seen = 0
         self.losses: list[float] = []
+        self.round_ends: list[float] = []  # wall clock when each round's report arrived
 
     def on_train_start(self, trainer, pl_module):  # noqa: ANN001
         experts = trainer.strategy.current_experts()
@@ -36,7 +42,14 @@ class _Announce(Callback):
         reports = trainer.strategy.diloco_reports
         while self.seen < len(reports):
             print(f"ROUND {reports[self.seen]['round']} {reports[self.seen]['group_size']}", flush=True)
+            self.round_ends.append(time.time())
             self.seen += 1
+            if self.hold and self.seen == 1:
+                deadline = time.monotonic() + 120
+                while not os.path.exists(self.hold):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"diloco_trainer: {self.hold} did not appear within 120 s")
+                    time.sleep(0.05)
 
 
 def main() -> None:
@@ -45,7 +58,7 @@ def main() -> None:
     options = dict(arg.removeprefix("--").split("=") for arg in sys.argv[5:] if "=" in arg)
     pl.seed_everything(0)  # same initial weights on every replica
     model = ThreeStageNet(optimizer="adamw", width=int(options.get("width", 32)))
-    announce = _Announce()
+    announce = _Announce(options.get("hold"))
     strategy = DistqatStrategy(
         stages=stages,
         swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90,
@@ -59,7 +72,7 @@ def main() -> None:
     batch = int(options.get("batch", 8))  # a different shard of data per replica:
     trainer.fit(model, toy_loader(n=max(256, 2 * batch), batch_size=batch, seed=100 + rank))
     torch.save({"reports": strategy.diloco_reports, "losses": announce.losses, "state": model.state_dict(),
-                "seconds": summary.summary["seconds"]}, out)
+                "seconds": summary.summary["seconds"], "round_ends": announce.round_ends}, out)
     print("DONE", flush=True)
 
 

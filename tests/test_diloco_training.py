@@ -117,7 +117,8 @@ def _peer_in_log(log: Path, seconds: float = 120) -> str:
 @pytest.mark.timeout(420)
 def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, bootstrap):
     """Two trainers, each a pipeline of 3 standalone experts, and a spare 'body' expert. Right after the first round
-    the 'body' expert of one pipeline is killed (before its next round can start: H inner steps away): its trainer
+    the 'body' expert of one pipeline is killed while both trainers wait (``--hold``: on a fast machine the trainers
+    were sometimes in round 2 before the kill, whose partner then legitimately went on alone): its trainer
     takes the spare (which loads the live replica's outer state), and both replicas keep averaging every stage in
     every round. (An expert killed in the middle of a round leaves its partner that round alone; see
     test_diloco_math's realignment tests for a replacement that catches up ahead of its trainer.)"""
@@ -138,7 +139,9 @@ def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, boots
     rounds = 5
     try:
         by_peer = {_peer_in_log(tmp_path / name / "expert.log"): name for name in experts}
-        trainers = [_trainer(tmp_path / f"p{r}.pt", r, rounds * H, bootstrap, "--stages") for r in range(2)]
+        go = tmp_path / "go"  # both trainers wait after round 1 until it exists
+        trainers = [_trainer(tmp_path / f"p{r}.pt", r, rounds * H, bootstrap, "--stages", f"--hold={go}")
+                    for r in range(2)]
         observer = SwarmClient(SwarmConfig(experiment="dl-test", initial_peers=[bootstrap])).start()
         deadline = time.monotonic() + 200  # records say "leased" from their next heartbeat on
         while True:
@@ -150,6 +153,8 @@ def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, boots
         for trainer in trainers:
             _wait_for_line(trainer, "ROUND 1", 200)
         experts[leased[0]].send_signal(signal.SIGKILL)
+        experts[leased[0]].wait(30)
+        go.touch()
         outputs = [_finish(t, 200) for t in trainers]
         (tmp_path / "outputs.txt").write_text("\n=====\n".join(outputs))
         assert sum("took over from" in out for out in outputs) == 1, outputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -55,6 +56,8 @@ class _Expert:
     log_tail: deque = field(default_factory=lambda: deque(maxlen=30))
     forwarder: Optional[threading.Thread] = None
     info: Optional[dict[str, Any]] = None
+    stopped: threading.Event = field(default_factory=threading.Event)
+    """Set once the expert and its process group are gone: its log forwarder drains what is left and ends."""
 
     @property
     def name(self) -> str:
@@ -275,6 +278,7 @@ class EmbeddedSwarm:
         if server is not None:
             server.close()
         for expert in experts:
+            expert.stopped.set()
             if expert.forwarder is not None:
                 expert.forwarder.join(5)
             expert.report.close()
@@ -284,12 +288,17 @@ class EmbeddedSwarm:
 
 def _forward_log(expert: _Expert) -> None:
     """Copy an expert's stderr to ours line by line (a notebook shows it under the cell), keeping the last lines for
-    error messages. Ends when every process that holds the pipe (the expert, its DHT process, p2pd) has exited.
+    error messages. Ends at the pipe's end, or once the expert is stopped and nothing more comes within 0.2 s: a
+    torch_shm_manager the expert started holds the pipe for a few seconds after the expert is gone.
 
     It reads the raw descriptor, never a buffered file object whose lock a process forked meanwhile (hivemind's
     DHT node) would inherit held."""
     fd, pending = expert.process.stderr.fileno(), b""
     while True:
+        if not select.select([fd], [], [], 0.2)[0]:
+            if expert.stopped.is_set():
+                break
+            continue
         chunk = os.read(fd, 65536)
         if not chunk:
             break
