@@ -33,3 +33,20 @@ async def _receive_bounded(reader):  # noqa: ANN001, ANN202
 
 if getattr(P2P.receive_raw_data, "__name__", "") != "_receive_bounded":
     P2P.receive_raw_data = staticmethod(_receive_bounded)
+
+
+def own_locks_after_fork() -> None:
+    """Give this process its own copies of hivemind's process-wide locks.
+
+    hivemind creates a few ``multiprocessing`` locks when it is imported (``MPFuture``'s initialization and update
+    locks, ``SharedBytes``' lock, ``_AsyncContextWrapper``'s executor lock). Every process forked from the importing
+    one shares them, which hivemind intends for its own background processes. The embedded swarm's fork server
+    (``lightning_distqat/zygote.py``) imports hivemind once and forks every expert: without this, all experts would
+    share those locks, and an expert killed while it held one would block the others' DHT calls for good."""
+    import multiprocessing as mp
+
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()
+    _AsyncContextWrapper.EXECUTOR_LOCK = mp.Lock()

@@ -41,8 +41,15 @@ _PR_SET_NAME = 15
 
 
 def available() -> bool:
-    """Whether this platform offers what the fork server needs (Linux: pidfds and descriptor passing)."""
-    return hasattr(os, "pidfd_open") and hasattr(socket, "send_fds") and hasattr(signal, "pidfd_send_signal")
+    """Whether this platform offers what the fork server needs: descriptor passing and pidfds that work (Linux 5.3
+    and later, and not refused by a container's seccomp profile)."""
+    if not (hasattr(os, "pidfd_open") and hasattr(socket, "send_fds") and hasattr(signal, "pidfd_send_signal")):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- the trainer's side
@@ -68,7 +75,7 @@ class ForkedProcess:
         self._pid = pid
         try:
             self._pidfd = os.pidfd_open(pid)
-        except OSError:  # already reaped: its exit message follows
+        except OSError:  # already reaped (its exit message follows)
             self._pidfd = None
         self._spawned.set()
 
@@ -79,7 +86,8 @@ class ForkedProcess:
 
     @property
     def pid(self) -> Optional[int]:
-        """The expert's process id (waits for the server to fork it); ``None`` if the server failed first."""
+        """The expert's process id (waits up to ``spawn_timeout`` for the server to fork it); ``None`` if the
+        server did not fork it."""
         self._spawned.wait(self._server.spawn_timeout)
         return self._pid
 
@@ -134,7 +142,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._waiting: list[ForkedProcess] = []  # sent, not yet answered, in order
         self._by_pid: dict[int, ForkedProcess] = {}
-        self._early_exits: dict[int, int] = {}
+        self._closing = threading.Event()
         self._reader = threading.Thread(target=self._read, name="distqat-forkserver", daemon=True)
         self._reader.start()
 
@@ -168,19 +176,17 @@ class ForkServer:
                 break
             message = json.loads(data)
             with self._lock:
-                if "spawned" in message:
+                if "failed" in message:  # the server could not fork this one; its report says why
+                    self._waiting.pop(0)._set_exit(1)
+                elif "spawned" in message:
                     process = self._waiting.pop(0)
                     pid = int(message["spawned"])
                     self._by_pid[pid] = process
                     process._set_pid(pid)
-                    if pid in self._early_exits:
-                        process._set_exit(self._early_exits.pop(pid))
-                elif "exited" in message:
+                elif "exited" in message:  # always after its "spawned": the server sends both in order
                     pid, code = int(message["exited"]), int(message["code"])
                     if pid in self._by_pid:
                         self._by_pid.pop(pid)._set_exit(code)
-                    else:
-                        self._early_exits[pid] = code
         with self._lock:  # the server is gone: nothing more will be forked or reaped by it
             waiting, self._waiting = self._waiting, []
             running = [p for p in self._by_pid.values() if p.returncode is None]
@@ -188,13 +194,15 @@ class ForkServer:
             process._set_exit(1)
         # its experts got SIGTERM with it (parent-death signal); see them end on their pidfds, code unknown
         deadline = time.monotonic() + 60.0
-        while running and time.monotonic() < deadline:
+        while running and time.monotonic() < deadline and not self._closing.is_set():
             watched = {p._pidfd: p for p in running if p._pidfd is not None}
             for process in running:
                 if process._pidfd is None:
                     process._set_exit(-1)
-            readable, _, _ = select.select(list(watched), [], [], 1.0) if watched else ([], [], [])
-            for fd in readable:
+            poller = select.poll()  # not select(): a trainer's descriptors may be numbered past 1024
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in (poller.poll(1000) if watched else []):
                 watched[fd]._set_exit(-1)
             running = [p for p in running if p.returncode is None]
 
@@ -205,6 +213,7 @@ class ForkServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the control socket (the server exits once its experts are gone) and wait for the server."""
+        self._closing.set()
         try:
             self._socket.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -226,6 +235,14 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
+def _report_error(report_fd: int, error: str) -> None:
+    """Write ``error`` to an expert's report pipe as that expert's start-up error."""
+    try:
+        os.write(report_fd, (json.dumps({"error": error}) + "\n").encode())
+    except OSError:
+        pass
+
+
 def _fail_all(sock: socket.socket, error: str) -> None:
     """Tell every expert asked for so far (their requests wait in the socket) why none will start."""
     sock.settimeout(0.5)
@@ -236,11 +253,7 @@ def _fail_all(sock: socket.socket, error: str) -> None:
             return
         if len(fds) != 3:
             return
-        stdin_r, stderr_w, report_w = fds
-        try:
-            os.write(report_w, (json.dumps({"error": error}) + "\n").encode())
-        except OSError:
-            pass
+        _report_error(fds[2], error)
         for fd in fds:
             os.close(fd)
 
@@ -267,12 +280,14 @@ def _child(sock: socket.socket, wakeup: tuple[int, int], fds: list[int], importe
     os.dup2(stderr_w, 2)
     os.close(stdin_r)
     os.close(stderr_w)
+    from lightning_distqat._hivemind import own_locks_after_fork
     from lightning_distqat._process import die_with_parent
     from lightning_distqat.expert.__main__ import serve
 
     die_with_parent(signal.SIGTERM)
     if os.getppid() != server:
         return 1
+    own_locks_after_fork()  # not the other experts' (they are forks of the same server)
     if "numpy" in sys.modules:  # forks share the server's numpy seed; fresh interpreters each drew their own
         sys.modules["numpy"].random.seed()
     return serve(report_w, {"started": time.time(), "imported": imported})
@@ -329,13 +344,25 @@ def main(argv: list[str]) -> int:
             message, fds, _, _ = socket.recv_fds(sock, 64, 3)
         except OSError:
             message, fds = b"", []
-        if message != _SPAWN or len(fds) != 3:
+        if not message:
             for fd in fds:
                 os.close(fd)
             open_ = False  # the trainer closed its end: no more experts; wait for those that run
             continue
+        if message != _SPAWN or len(fds) != 3:  # cannot happen with our trainer side; answer it all the same
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"failed": f"a request with {len(fds)} descriptors"})
+            continue
         server = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # e.g. EAGAIN under a process-count limit: this expert fails, the others go on
+            _report_error(fds[2], f"expert fork server (pid {server}) could not fork this expert: {e!r}")
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"failed": repr(e)})
+            continue
         if pid == 0:
             code = 1
             try:

@@ -198,3 +198,34 @@ def test_a_fork_server_that_cannot_import_fails_every_expert_with_its_traceback(
         swarm.start([])
     assert "expert fork server" in str(info.value) and "Traceback" in str(info.value), str(info.value)
     assert time.monotonic() - started < 60
+
+
+_LOCK_PROBE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from lightning_distqat._hivemind import own_locks_after_fork
+    from hivemind.utils.mpfuture import MPFuture
+
+    def child_dies_holding_the_lock(reset):
+        pid = os.fork()
+        if pid == 0:
+            if reset:
+                own_locks_after_fork()
+            MPFuture._update_lock.acquire()
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.waitpid(pid, 0)
+        got = MPFuture._update_lock.acquire(timeout=2)
+        if got:
+            MPFuture._update_lock.release()
+        return got
+
+    print("own", child_dies_holding_the_lock(True), "shared", child_dies_holding_the_lock(False), flush=True)
+    """
+)
+
+
+def test_a_forked_expert_that_dies_holding_a_hivemind_lock_does_not_block_the_others():
+    """Experts forked from one fork server must not share hivemind's process-wide locks (MPFuture's): one killed
+    while it held one would block every other expert's DHT calls. Without ``own_locks_after_fork`` it would."""
+    result = _run_python(["-c", _LOCK_PROBE], timeout=60)
+    assert result.stdout.split() == ["own", "True", "shared", "False"], result.stdout + result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""An expert started by a trainer's embedded swarm, in a fresh interpreter:
+"""An expert started by a trainer's embedded swarm (in a fresh interpreter when it does not use the fork server):
 
     python -m lightning_distqat.expert --report-fd FD --parent PID
 

@@ -1,10 +1,11 @@
 """The embedded swarm: the experts a trainer starts on its own machine when it names no swarm to join.
 
-Each expert is a fresh interpreter (``python -m lightning_distqat.expert``, see ``expert/__main__.py``) that receives
-its stage module by value, so the user's script is never run again: scripts without a main guard, scripts on stdin
-and notebooks all work. The experts are started together and import torch and hivemind while the trainer starts its
-own DHT node; then each gets its stage and the trainer's address. Each leads its own process group (its DHT process
-and p2pd live in it), dies with the trainer, and forwards its log lines to the trainer's stderr.
+Each expert is a fork of one fork server per swarm (``lightning_distqat/zygote.py``) that imported torch and
+hivemind once, or, without it, a fresh interpreter (``python -m lightning_distqat.expert``); either way it runs
+``expert/__main__.py``'s ``serve`` and receives its stage module by value, so the user's script is never run again:
+scripts without a main guard, scripts on stdin and notebooks all work. The imports happen while the trainer starts
+its own DHT node; then each expert gets its stage and the trainer's address. Each leads its own process group (its
+DHT process and p2pd live in it), dies with the trainer, and forwards its log lines to the trainer's stderr.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class _Expert:
     forwarder: Optional[threading.Thread] = None
     info: Optional[dict[str, Any]] = None
     stopped: threading.Event = field(default_factory=threading.Event)
-    """Set once the expert and its process group are gone: its log forwarder drains what is left and ends."""
+    """Set once the expert has exited (and, at shutdown, its process group was killed): its log forwarder reads what
+    is left and ends."""
 
     @property
     def name(self) -> str:
@@ -68,8 +70,9 @@ class _Expert:
 
 
 class EmbeddedSwarm:
-    """Experts for ``stages`` on this machine: ``launch()`` starts the interpreters, ``start(initial_peers)`` sends
-    each its stage (a copy of the module's current weights) and waits until all serve, ``shutdown()`` stops them.
+    """Experts for ``stages`` on this machine: ``launch()`` starts them (forks of the fork server by default),
+    ``start(initial_peers)`` sends each its stage (a copy of the module's current weights) and waits until all serve,
+    ``shutdown()`` stops them.
 
     No side effects until ``launch``/``start``.
     """
@@ -227,6 +230,9 @@ class EmbeddedSwarm:
             raise ExpertStartupError(f"embedded swarm: the expert for stage {expert.name} failed to start:\n"
                                      f"{message['error'].rstrip()}")
         code = expert.process.wait(timeout=10)
+        expert.stopped.set()  # its last lines: what the forwarder still has to read
+        if expert.forwarder is not None:
+            expert.forwarder.join(1.0)
         raise ExpertStartupError(
             f"embedded swarm: the expert for stage {expert.name} exited with code {code} before it could report. "
             f"Its last lines:\n{expert.last_lines()}"
@@ -294,8 +300,10 @@ def _forward_log(expert: _Expert) -> None:
     It reads the raw descriptor, never a buffered file object whose lock a process forked meanwhile (hivemind's
     DHT node) would inherit held."""
     fd, pending = expert.process.stderr.fileno(), b""
+    poller = select.poll()  # not select(): a trainer's descriptors may be numbered past 1024
+    poller.register(fd, select.POLLIN)
     while True:
-        if not select.select([fd], [], [], 0.2)[0]:
+        if not poller.poll(200):
             if expert.stopped.is_set():
                 break
             continue
