@@ -55,7 +55,7 @@ def available() -> bool:
 # --------------------------------------------------------------------------------------------- the trainer's side
 class ForkedProcess:
     """An expert forked by the fork server, with the parts of ``subprocess.Popen`` the embedded swarm uses: ``pid``,
-    ``stdin``, ``stderr``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode``.
+    ``stdin``, ``stderr``, ``poll``, ``wait``, ``send_signal``, ``returncode``.
 
     It is not our child: its end is seen on a pidfd (readable once it exits), its exit code comes from the server.
     """
@@ -107,12 +107,6 @@ class ForkedProcess:
             signal.pidfd_send_signal(self._pidfd, sig)
         except ProcessLookupError:
             pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
         if self._pidfd is not None:

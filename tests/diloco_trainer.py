@@ -1,7 +1,7 @@
 """A trainer process for the DiLoCo tests: `python -m tests.diloco_trainer OUT RANK MAX_STEPS PEER [--stages]
-[--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N] [--hold=PATH]` (adaptive batch sizing; the model's
-width, the loader's batch size, steps between snapshots, inner steps per round; after round 1, wait until PATH exists,
-so that a test can act between rounds 1 and 2 whatever the machine's speed).
+[--adaptive] [--width=N] [--batch=N] [--mirror-every=N] [--h=N] [--hold]` (adaptive batch sizing; the model's
+width, the loader's batch size, steps between snapshots, inner steps per round; after round 1, wait for a line on
+stdin, so that a test can act between rounds 1 and 2 whatever the machine's speed).
 
 Prints "PIPELINE <json of stage -> expert peer id>" when training starts, "ROUND <n> <group size>" after every outer
 round, and saves its reports and final parameters to OUT.
@@ -10,10 +10,9 @@ round, and saves its reports and final parameters to OUT.
 from __future__ import annotations
 
 import json
-import os
+import select
 import sys
 import time
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -27,7 +26,7 @@ H = 3
 
 
 class _Announce(Callback):
-    def __init__(self, hold: Optional[str] = None) -> None:
+    def __init__(self, hold: bool = False) -> None:
         self.hold = hold
         self.seen = 0
         self.losses: list[float] = []
@@ -44,12 +43,10 @@ class _Announce(Callback):
             print(f"ROUND {reports[self.seen]['round']} {reports[self.seen]['group_size']}", flush=True)
             self.round_ends.append(time.time())
             self.seen += 1
-            if self.hold and self.seen == 1:
-                deadline = time.monotonic() + 120
-                while not os.path.exists(self.hold):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"diloco_trainer: {self.hold} did not appear within 120 s")
-                    time.sleep(0.05)
+            if self.hold and self.seen == 1:  # a line on stdin says go on
+                if not select.select([sys.stdin], [], [], 120)[0]:
+                    raise TimeoutError("diloco_trainer: no line on stdin within 120 s after round 1 (--hold)")
+                sys.stdin.readline()
 
 
 def main() -> None:
@@ -58,7 +55,7 @@ def main() -> None:
     options = dict(arg.removeprefix("--").split("=") for arg in sys.argv[5:] if "=" in arg)
     pl.seed_everything(0)  # same initial weights on every replica
     model = ThreeStageNet(optimizer="adamw", width=int(options.get("width", 32)))
-    announce = _Announce(options.get("hold"))
+    announce = _Announce(hold="--hold" in sys.argv)
     strategy = DistqatStrategy(
         stages=stages,
         swarm=SwarmConfig(experiment="dl-test", initial_peers=[peer], discovery_timeout=90,

@@ -29,6 +29,7 @@ def _trainer(out: Path, rank: int, steps: int, peer: str, *extra: str, env: dict
     return subprocess.Popen(
         [sys.executable, "-m", "tests.diloco_trainer", str(out), str(rank), str(steps), peer, *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.PIPE if "--hold" in extra else subprocess.DEVNULL,
     )
 
 
@@ -139,9 +140,8 @@ def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, boots
     rounds = 5
     try:
         by_peer = {_peer_in_log(tmp_path / name / "expert.log"): name for name in experts}
-        go = tmp_path / "go"  # both trainers wait after round 1 until it exists
-        trainers = [_trainer(tmp_path / f"p{r}.pt", r, rounds * H, bootstrap, "--stages", f"--hold={go}")
-                    for r in range(2)]
+        trainers = [_trainer(tmp_path / f"p{r}.pt", r, rounds * H, bootstrap, "--stages", "--hold")
+                    for r in range(2)]  # each waits after round 1 for a line on its stdin
         observer = SwarmClient(SwarmConfig(experiment="dl-test", initial_peers=[bootstrap])).start()
         deadline = time.monotonic() + 200  # records say "leased" from their next heartbeat on
         while True:
@@ -154,7 +154,9 @@ def test_two_pipelines_three_stages_and_a_killed_expert_replaced(tmp_path, boots
             _wait_for_line(trainer, "ROUND 1", 200)
         experts[leased[0]].send_signal(signal.SIGKILL)
         experts[leased[0]].wait(30)
-        go.touch()
+        for trainer in trainers:
+            trainer.stdin.write("go\n")
+            trainer.stdin.flush()
         outputs = [_finish(t, 200) for t in trainers]
         (tmp_path / "outputs.txt").write_text("\n=====\n".join(outputs))
         assert sum("took over from" in out for out in outputs) == 1, outputs
